@@ -1,0 +1,68 @@
+"""Model configurations and the fixed constants of the integer coding path.
+
+The constants here are part of the on-disk format: changing one changes what a
+stored patch decodes to, so they only change together with FORMAT_VERSION.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+PATCH = 80  # patch side in pixels; chunks are (3, PATCH, PATCH) uint8
+CHANNELS = 3
+
+# Activations of every coupling/prior network are ReLU6-like, quantized to 0..ACT_LEVELS.
+ACT_MAX = 6.0
+ACT_LEVELS = 127
+# Network inputs: integer latents clamped to [IN_MIN, IN_MAX], scaled by 1/IN_DIV in the float model.
+IN_MIN, IN_MAX, IN_DIV = -256, 255, 64.0
+# Weights: per-output-channel symmetric int8.
+WEIGHT_LEVELS = 127
+# Requantization: y = floor((acc * M + B) / 2**REQUANT_SHIFT).
+REQUANT_SHIFT = 32
+# Translations are whole pixel steps clamped to +-T_MAX; latents then stay within +-2**15.
+T_MAX = 1024
+ESCAPE_BITS = 16
+# Split priors: discretized logistic, mean on a 1/MEAN_STEPS grid, scale from NUM_SCALES log-spaced values.
+MEAN_SHIFT = 3
+MEAN_STEPS = 1 << MEAN_SHIFT
+NUM_SCALES = 64
+SCALE_MIN, SCALE_MAX = 0.1, 64.0
+LOG_SCALE_STEP = math.log(SCALE_MAX / SCALE_MIN) / (NUM_SCALES - 1)
+SPLIT_WINDOW = 127  # symbols c-127..c+127 then one escape symbol
+TOP_WINDOW = 255
+TOP_MIXTURES = 5
+# rANS probabilities are integers out of 2**PROB_BITS (constriction's default precision).
+PROB_BITS = 24
+
+
+@dataclass(frozen=True)
+class IDFConfig:
+    """Shape of an Integer Discrete Flow. Registered by name in ``wsi_idf.registry``."""
+
+    levels: int = 3
+    steps: int = 4  # coupling steps per level
+    width: int = 32  # hidden channels of each coupling / prior network
+    blocks: int = 1  # residual blocks per network
+    seed: int = 0  # seeds the fixed channel permutations
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "IDFConfig":
+        return cls(**json.loads(text))
+
+    def level_channels(self) -> list[int]:
+        """Channels inside each level: 12 after the first squeeze, doubling after each factor-out+squeeze."""
+        return [CHANNELS * 4 * 2**level for level in range(self.levels)]
+
+    def check(self) -> None:
+        side = PATCH
+        for _ in range(self.levels):
+            if side % 2:
+                raise ValueError(f"{self.levels} levels do not divide a {PATCH}px patch")
+            side //= 2
+        if self.levels * self.steps * T_MAX + 256 >= 2 ** (ESCAPE_BITS - 1):
+            raise ValueError("too many coupling steps: latents could leave the escape range")

@@ -1,0 +1,72 @@
+"""rANS entropy coding of integer latents with table-indexed probabilities (constriction).
+
+Two calls, as in CompressAI: ``push`` values with their (row, centre) priors onto an ANS
+stack, ``pop`` them back with the same priors. Each prior is a row of integer frequencies
+over a window of offsets around a centre, plus an escape symbol; escaped values follow
+as 16-bit uniform symbols. Symbols sharing a row are coded in one call with one
+prebuilt constriction model, which keeps Python overhead per patch small.
+"""
+from __future__ import annotations
+
+import constriction
+import numpy as np
+
+from .config import ESCAPE_BITS, PROB_BITS
+
+_ESCAPE_MODEL = constriction.stream.model.Uniform(2**ESCAPE_BITS)
+_ESCAPE_OFFSET = 2 ** (ESCAPE_BITS - 1)
+
+
+class TableModels:
+    """One prebuilt categorical model per table row (integer frequencies summing to 2**PROB_BITS)."""
+
+    def __init__(self, freq: np.ndarray):
+        freq = np.asarray(freq, dtype=np.int64)
+        if (freq.sum(axis=1) != 2**PROB_BITS).any() or (freq < 1).any():
+            raise ValueError("frequency rows must be >= 1 and sum to 2**PROB_BITS")
+        self.window = (freq.shape[1] - 2) // 2
+        self.escape = freq.shape[1] - 1
+        probs = freq.astype(np.float64) / 2**PROB_BITS  # exact: dyadic rationals
+        self.models = [constriction.stream.model.Categorical(p, perfect=False) for p in probs]
+        self.bits = -np.log2(probs)  # information content, for NLL reports only
+
+    def ideal_bits(self, values: np.ndarray, rows: np.ndarray, centres: np.ndarray) -> float:
+        """Code length the tables assign to ``values`` (what an ideal entropy coder would write)."""
+        symbols, escaped = self._symbols(values, centres)
+        return float(self.bits[rows, symbols].sum() + ESCAPE_BITS * escaped.sum())
+
+    def _symbols(self, values: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        offsets = values - centres + self.window
+        escaped = (offsets < 0) | (offsets > 2 * self.window)
+        return np.where(escaped, self.escape, offsets).astype(np.int32), escaped
+
+
+def _groups(rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(row, positions) for each distinct row in ascending order; positions in ascending order."""
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(sorted_rows)) + 1, [len(rows)]])
+    return [(int(sorted_rows[a]), order[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def push(coder: constriction.stream.stack.AnsCoder, tables: TableModels, values: np.ndarray,
+         rows: np.ndarray, centres: np.ndarray) -> None:
+    """Push 1-D int64 ``values``; ``pop`` with the same rows and centres returns them."""
+    symbols, escaped = tables._symbols(values, centres)
+    if escaped.any():  # popped last, so pushed first
+        coder.encode_reverse((values[escaped] + _ESCAPE_OFFSET).astype(np.int32), _ESCAPE_MODEL)
+    for row, positions in reversed(_groups(rows)):
+        coder.encode_reverse(symbols[positions], tables.models[row])
+
+
+def pop(coder: constriction.stream.stack.AnsCoder, tables: TableModels, rows: np.ndarray,
+        centres: np.ndarray) -> np.ndarray:
+    """Inverse of ``push``: values as int64, in the order of ``rows``."""
+    symbols = np.empty(len(rows), dtype=np.int64)
+    for row, positions in _groups(rows):
+        symbols[positions] = coder.decode(tables.models[row], len(positions))
+    values = symbols - tables.window + centres
+    escaped = symbols == tables.escape
+    if escaped.any():
+        values[escaped] = coder.decode(_ESCAPE_MODEL, int(escaped.sum())).astype(np.int64) - _ESCAPE_OFFSET
+    return values

@@ -1,0 +1,24 @@
+"""Exceptions raised by wsi-idf. Every failure is an exception with a message a person can act on."""
+
+
+class WsiIdfError(Exception):
+    """Base class of every error wsi-idf raises on purpose."""
+
+
+class InvalidPatchError(WsiIdfError, ValueError):
+    """Input patches have the wrong shape, dtype or value range."""
+
+
+class CorruptPatchError(WsiIdfError):
+    """A stored patch is damaged: bad magic, truncated, or its pixel checksum does not match."""
+
+
+class WeightsMismatchError(WsiIdfError):
+    """Data was written with other model weights than the ones available for decoding."""
+
+
+class UnknownModelError(WsiIdfError, KeyError):
+    """No model of that name is registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,148 @@
+"""The float Integer Discrete Flow used for training (quantization-aware).
+
+Every network already sees what the integer coding model will compute: int8 weights
+(per output channel), activations clamped to [0, ACT_MAX] and quantized to
+ACT_LEVELS steps, integer translations. Gradients pass the roundings straight
+through. ``wsi_idf.quantize`` turns a trained model into the exact integer model.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import (ACT_LEVELS, ACT_MAX, CHANNELS, IN_DIV, IN_MAX, IN_MIN, LOG_SCALE_STEP, NUM_SCALES,
+                     PATCH, SCALE_MIN, T_MAX, TOP_MIXTURES, WEIGHT_LEVELS, IDFConfig)
+
+LN2 = math.log(2.0)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to integers, passing the gradient through unchanged."""
+    return x + (torch.round(x) - x).detach()
+
+
+def quant_act(x: torch.Tensor) -> torch.Tensor:
+    y = x.clamp(0.0, ACT_MAX)
+    step = ACT_MAX / ACT_LEVELS
+    return y + (torch.round(y / step) * step - y).detach()
+
+
+def quant_input(z: torch.Tensor) -> torch.Tensor:
+    return z.clamp(IN_MIN, IN_MAX) / IN_DIV
+
+
+class QuantConv(nn.Conv2d):
+    """Conv2d whose weights are fake-quantized to symmetric int8 per output channel."""
+
+    def weight_scale(self) -> torch.Tensor:
+        return self.weight.detach().abs().amax(dim=(1, 2, 3)).clamp_min(1e-8) / WEIGHT_LEVELS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.weight_scale().view(-1, 1, 1, 1)
+        w = self.weight + (torch.round(self.weight / s) * s - self.weight).detach()
+        return F.conv2d(x, w, self.bias, padding=self.padding)
+
+
+class QuantNet(nn.Module):
+    """conv3x3 -> [conv3x3, conv1x1 + residual] x blocks -> conv3x3 (zero-initialized output)."""
+
+    def __init__(self, cin: int, cout: int, width: int, blocks: int):
+        super().__init__()
+        self.conv_in = QuantConv(cin, width, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([QuantConv(width, width, 3, padding=1), QuantConv(width, width, 1)]) for _ in range(blocks))
+        self.conv_out = QuantConv(width, cout, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = quant_act(self.conv_in(quant_input(z)))
+        for conv_a, conv_b in self.blocks:
+            h = quant_act(h + conv_b(quant_act(conv_a(h))))
+        return self.conv_out(h)
+
+
+def logistic_logp(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log P(x) of a discretized logistic on the integers (natural log), numerically stable."""
+    inv_s = torch.exp(-log_scale)
+    upper = (x + 0.5 - mean) * inv_s
+    lower = (x - 0.5 - mean) * inv_s
+    # sigmoid(a) - sigmoid(b) = sigmoid(a) * sigmoid(-b) * (1 - exp(b - a))
+    return F.logsigmoid(upper) + F.logsigmoid(-lower) + torch.log((-torch.expm1(-inv_s)).clamp_min(1e-30))
+
+
+def split_scale(u: torch.Tensor) -> torch.Tensor:
+    """Log-scale of a split prior from its raw output u (in units of scale-table steps)."""
+    return math.log(SCALE_MIN) + u.clamp(0, NUM_SCALES - 1) * LOG_SCALE_STEP
+
+
+def permutations(cfg: IDFConfig) -> list[list[np.ndarray]]:
+    """The fixed random channel permutations, one per coupling step (stored with the weights)."""
+    rng = np.random.default_rng(cfg.seed)
+    return [[rng.permutation(c) for _ in range(cfg.steps)] for c in cfg.level_channels()]
+
+
+class IDF(nn.Module):
+    """Squeeze; per level ``steps`` x (permutation, additive coupling); factor-out with a split prior;
+    a per-channel discretized logistic mixture at the top."""
+
+    def __init__(self, cfg: IDFConfig):
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        chans = cfg.level_channels()
+        for level, level_perms in enumerate(permutations(cfg)):
+            for step, perm in enumerate(level_perms):
+                self.register_buffer(f"perm_{level}_{step}", torch.as_tensor(perm, dtype=torch.long))
+        self.couplings = nn.ModuleList(
+            nn.ModuleList(QuantNet(c // 2, c - c // 2, cfg.width, cfg.blocks) for _ in range(cfg.steps))
+            for c in chans)
+        self.split_priors = nn.ModuleList(QuantNet(c // 2, 2 * (c - c // 2), cfg.width, cfg.blocks)
+                                          for c in chans[:-1])
+        for prior, c in zip(self.split_priors, chans):
+            with torch.no_grad():  # start the scales near 4 pixel steps
+                prior.conv_out.bias[c - c // 2:] = math.log(4.0 / SCALE_MIN) / LOG_SCALE_STEP
+        top = chans[-1]
+        self.top_mean = nn.Parameter(torch.linspace(-20, 20, TOP_MIXTURES).repeat(top, 1))
+        self.top_log_scale = nn.Parameter(torch.full((top, TOP_MIXTURES), math.log(16.0)))
+        self.top_logits = nn.Parameter(torch.zeros(top, TOP_MIXTURES))
+
+    def perm(self, level: int, step: int) -> torch.Tensor:
+        return getattr(self, f"perm_{level}_{step}")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Map uint8 patches (B, 3, 80, 80) to latents; return (NLL in bits per patch, latents per level)."""
+        z = F.pixel_unshuffle(x.float() - 128.0, 2)
+        nll = torch.zeros(x.shape[0], device=x.device)
+        latents = []
+        for level in range(self.cfg.levels):
+            for step, net in enumerate(self.couplings[level]):
+                z = z[:, self.perm(level, step)]
+                half = z.shape[1] // 2
+                z1, z2 = z[:, :half], z[:, half:]
+                z = torch.cat([z1, z2 + round_ste(net(z1).clamp(-T_MAX, T_MAX))], dim=1)
+            if level < self.cfg.levels - 1:
+                half = z.shape[1] // 2
+                keep, out = z[:, :half], z[:, half:]
+                params = self.split_priors[level](keep)
+                mean, u = params[:, :out.shape[1]], params[:, out.shape[1]:]
+                nll = nll - logistic_logp(out, mean, split_scale(u)).flatten(1).sum(1)
+                latents.append(out)
+                z = F.pixel_unshuffle(keep, 2)
+        latents.append(z)
+        nll = nll - self.top_logp(z).flatten(1).sum(1)
+        return nll / LN2, latents
+
+    def top_logp(self, z: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1, TOP_MIXTURES)
+        logp = logistic_logp(z.unsqueeze(-1), self.top_mean.view(shape), self.top_log_scale.view(shape))
+        weights = torch.log_softmax(self.top_logits, dim=-1).view(shape)
+        return torch.logsumexp(logp + weights, dim=-1)
+
+    @staticmethod
+    def bits_per_subpixel(nll_bits: torch.Tensor) -> torch.Tensor:
+        return nll_bits / (CHANNELS * PATCH * PATCH)
