@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import (ACT_LEVELS, ACT_MAX, CHANNELS, IN_DIV, IN_MAX, IN_MIN, LOG_SCALE_STEP, NUM_SCALES,
+from .config import (ACT_LEVELS, ACT_MAX, CHANNELS, IN_DIV, IN_MAX, IN_MIN, LOG_SCALE_STEP, MEAN_STEPS, NUM_SCALES,
                      PATCH, SCALE_MIN, T_MAX, TOP_MIXTURES, WEIGHT_LEVELS, IDFConfig)
 
 LN2 = math.log(2.0)
@@ -35,27 +35,61 @@ def quant_input(z: torch.Tensor) -> torch.Tensor:
     return z.clamp(IN_MIN, IN_MAX) / IN_DIV
 
 
+ACT_SCALE = ACT_MAX / ACT_LEVELS
+BIAS_BITS = 22  # integer biases stay below 2**22: exact in float32 with room for the sum
+INPUT_SCALE = 1.0 / IN_DIV
+
+
 class QuantConv(nn.Conv2d):
-    """Conv2d whose weights are fake-quantized to symmetric int8 per output channel."""
+    """Conv2d with int8 weights on a power-of-two grid per output channel.
+
+    The grid is chosen so that ``weight_scale * in_scale / out_scale`` is a power of two:
+    the integer model then rescales with an exact shift instead of a multiplication.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int, in_scale: float, out_scale: torch.Tensor | float):
+        super().__init__(cin, cout, kernel, padding=kernel // 2)
+        self.in_scale = in_scale
+        self.register_buffer("out_scale", torch.as_tensor(out_scale, dtype=torch.float32).expand(cout).clone(),
+                             persistent=False)
+
+    def weight_exponent(self) -> torch.Tensor:
+        """e per output channel: weight_scale = 2**e * out_scale / in_scale.
+
+        The finest grid that holds the largest weight in int8, but never so fine that the
+        integer bias, (bias / out_scale + 1/2) * 2**-e, reaches 2**BIAS_BITS.
+        """
+        ratio = self.out_scale / self.in_scale
+        peak = self.weight.detach().abs().amax(dim=(1, 2, 3)).clamp_min(1e-30)
+        fit_weights = torch.ceil(torch.log2(peak / (WEIGHT_LEVELS * ratio)))
+        bias = (self.bias.detach().abs() / self.out_scale + 1.0) if self.bias is not None else torch.ones_like(peak)
+        fit_bias = torch.ceil(torch.log2(bias)) - BIAS_BITS
+        return torch.maximum(fit_weights, fit_bias)
 
     def weight_scale(self) -> torch.Tensor:
-        return self.weight.detach().abs().amax(dim=(1, 2, 3)).clamp_min(1e-8) / WEIGHT_LEVELS
+        return torch.exp2(self.weight_exponent()) * self.out_scale / self.in_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.weight_scale().view(-1, 1, 1, 1)
-        w = self.weight + (torch.round(self.weight / s) * s - self.weight).detach()
-        return F.conv2d(x, w, self.bias, padding=self.padding)
+        q = torch.clamp(torch.round(self.weight / s), -WEIGHT_LEVELS, WEIGHT_LEVELS) * s
+        return F.conv2d(x, self.weight + (q - self.weight).detach(), self.bias, padding=self.padding)
 
 
 class QuantNet(nn.Module):
-    """conv3x3 -> [conv3x3, conv1x1 + residual] x blocks -> conv3x3 (zero-initialized output)."""
+    """conv3x3 -> [conv3x3, conv1x1 + residual] x blocks -> conv3x3 (zero-initialized output).
 
-    def __init__(self, cin: int, cout: int, width: int, blocks: int):
+    ``out_units`` gives, per output channel, how many integer steps make one unit of the
+    output (1 for translations in pixels, MEAN_STEPS for prior means).
+    """
+
+    def __init__(self, cin: int, cout: int, width: int, blocks: int, out_units: torch.Tensor | float = 1.0):
         super().__init__()
-        self.conv_in = QuantConv(cin, width, 3, padding=1)
+        self.conv_in = QuantConv(cin, width, 3, INPUT_SCALE, ACT_SCALE)
         self.blocks = nn.ModuleList(
-            nn.ModuleList([QuantConv(width, width, 3, padding=1), QuantConv(width, width, 1)]) for _ in range(blocks))
-        self.conv_out = QuantConv(width, cout, 3, padding=1)
+            nn.ModuleList([QuantConv(width, width, 3, ACT_SCALE, ACT_SCALE), QuantConv(width, width, 1, ACT_SCALE,
+                                                                                        ACT_SCALE)])
+            for _ in range(blocks))
+        self.conv_out = QuantConv(width, cout, 3, ACT_SCALE, 1.0 / torch.as_tensor(out_units, dtype=torch.float32))
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -80,6 +114,11 @@ def split_scale(u: torch.Tensor) -> torch.Tensor:
     return math.log(SCALE_MIN) + u.clamp(0, NUM_SCALES - 1) * LOG_SCALE_STEP
 
 
+def split_prior_units(channels: int) -> torch.Tensor:
+    """Output units of a split-prior network: means on a 1/MEAN_STEPS grid, then scale indices."""
+    return torch.cat([torch.full((channels,), float(MEAN_STEPS)), torch.ones(channels)])
+
+
 def permutations(cfg: IDFConfig) -> list[list[np.ndarray]]:
     """The fixed random channel permutations, one per coupling step (stored with the weights)."""
     rng = np.random.default_rng(cfg.seed)
@@ -101,8 +140,9 @@ class IDF(nn.Module):
         self.couplings = nn.ModuleList(
             nn.ModuleList(QuantNet(c // 2, c - c // 2, cfg.width, cfg.blocks) for _ in range(cfg.steps))
             for c in chans)
-        self.split_priors = nn.ModuleList(QuantNet(c // 2, 2 * (c - c // 2), cfg.width, cfg.blocks)
-                                          for c in chans[:-1])
+        self.split_priors = nn.ModuleList(
+            QuantNet(c // 2, 2 * (c - c // 2), cfg.width, cfg.blocks, split_prior_units(c - c // 2))
+            for c in chans[:-1])
         for prior, c in zip(self.split_priors, chans):
             with torch.no_grad():  # start the scales near 4 pixel steps
                 prior.conv_out.bias[c - c // 2:] = math.log(4.0 / SCALE_MIN) / LOG_SCALE_STEP

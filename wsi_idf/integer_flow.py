@@ -1,11 +1,11 @@
 """The exact integer coding model: the same flow as ``wsi_idf.flow`` in integer arithmetic.
 
-Every quantity is an integer. Convolutions run in float32 on integer values whose every
-partial sum is bounded below 2**24 by construction (max|input| * sum|w| per output
-channel, splitting input channels into groups where needed), so any summation order
-gives the same exact result; cuDNN (which may pick Winograd/FFT) is switched off.
-Rescaling is ``(acc * M + B) >> REQUANT_SHIFT`` in int64. The result is identical on
-every device, thread count and batch size.
+Every quantity is an integer, carried in float32 only where every value and every partial
+sum is an integer below 2**24 in magnitude (bounded per layer by max|input| * sum|w| + |bias|),
+so any summation order gives the same exact result. Rescaling is by powers of two
+(``floor((acc + bias) * 2**-shift)``), which float32 also does exactly. A layer whose bound
+is larger sums input-channel groups in float64. cuDNN (which may pick Winograd/FFT) and
+TF32 are switched off. The result is identical on every device, thread count and batch size.
 """
 from __future__ import annotations
 
@@ -16,58 +16,62 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_SHIFT, MEAN_STEPS, REQUANT_SHIFT, IDFConfig
+from .config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, IDFConfig
 
 EXACT_FLOAT32 = 2**24
 
 
 @dataclass
 class IntConv:
-    """One integer convolution layer: weights (int), per-channel multiplier, offset and output clamp."""
+    """One integer convolution: y = floor((conv(x, w) + bias) * 2**-shift), clamped for output layers."""
 
     weight: torch.Tensor  # float32 holding int8 values, (cout, cin, k, k)
-    mult: torch.Tensor  # int64 (cout,)
-    offset: torch.Tensor  # int64 (cout,)
-    lo: torch.Tensor | None  # int64 (cout,) clamp bounds of an output layer, None for hidden layers
+    bias: torch.Tensor  # float32 holding integers, (1, cout, 1, 1)
+    factor: torch.Tensor  # float32 powers of two 2**-shift, (1, cout, 1, 1)
+    lo: torch.Tensor | None  # clamp bounds (1, cout, 1, 1) of an output layer, None for hidden layers
     hi: torch.Tensor | None
-    input_groups: list[slice]  # input channel groups that keep partial sums exact
+    input_groups: list[slice] | None  # None: one exact float32 conv; else groups summed in float64
 
     @classmethod
-    def build(cls, weight: np.ndarray, mult: np.ndarray, offset: np.ndarray, max_input: int,
+    def build(cls, weight: np.ndarray, bias: np.ndarray, shift: np.ndarray, max_input: int,
               lo: np.ndarray | None = None, hi: np.ndarray | None = None) -> "IntConv":
         weight = np.asarray(weight, dtype=np.int64)
-        cin = weight.shape[1]
+        bias = np.asarray(bias, dtype=np.int64)
+        shift = np.asarray(shift, dtype=np.int64)
+        if np.abs(bias).max(initial=0) >= EXACT_FLOAT32 or np.abs(shift).max(initial=0) > 100:
+            raise ValueError("integer layer parameters out of range")
         per_channel = np.abs(weight).sum(axis=(2, 3))  # (cout, cin)
-        groups, start = [], 0
-        while start < cin:  # greedy: widest input group whose bound stays exact
-            stop = start + 1
-            while stop < cin and per_channel[:, start:stop + 1].sum(1).max() * max_input < EXACT_FLOAT32:
-                stop += 1
-            if per_channel[:, start:stop].sum(1).max() * max_input >= EXACT_FLOAT32:
-                raise ValueError("a single input channel exceeds the exact float32 range")
-            groups.append(slice(start, stop))
-            start = stop
-        bound = per_channel.sum(1).max() * max_input
-        if bound * int(np.abs(mult).max(initial=0)) + int(np.abs(offset).max(initial=0)) >= 2**62:
-            raise ValueError("requantization could overflow int64")
-        as_t = lambda a: None if a is None else torch.as_tensor(np.asarray(a, np.int64))
-        return cls(torch.as_tensor(weight, dtype=torch.float32), as_t(mult), as_t(offset), as_t(lo), as_t(hi), groups)
+        groups = None
+        if (per_channel.sum(1) * max_input + np.abs(bias)).max() >= EXACT_FLOAT32:
+            groups, start = [], 0
+            while start < weight.shape[1]:  # widest input groups whose partial sums stay exact
+                stop = start + 1
+                while stop < weight.shape[1] and per_channel[:, start:stop + 1].sum(1).max() * max_input < EXACT_FLOAT32:
+                    stop += 1
+                if per_channel[:, start:stop].sum(1).max() * max_input >= EXACT_FLOAT32:
+                    raise ValueError("a single input channel exceeds the exact float32 range")
+                groups.append(slice(start, stop))
+                start = stop
+        column = lambda a: None if a is None else torch.as_tensor(np.asarray(a, np.float32)).view(1, -1, 1, 1)
+        return cls(torch.as_tensor(weight, dtype=torch.float32), column(bias),
+                   column(np.ldexp(1.0, -shift)), column(lo), column(hi), groups)
 
     def to(self, device: torch.device) -> "IntConv":
         move = lambda t: None if t is None else t.to(device)
-        return IntConv(move(self.weight), move(self.mult), move(self.offset), move(self.lo), move(self.hi),
+        return IntConv(move(self.weight), move(self.bias), move(self.factor), move(self.lo), move(self.hi),
                        self.input_groups)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: int64 (B, cin, H, W) -> requantized int64 (B, cout, H, W), unclamped for hidden layers."""
+        """x: float32 integers (B, cin, H, W) -> float32 integers (B, cout, H, W)."""
         pad = self.weight.shape[-1] // 2
-        acc = None
-        for group in self.input_groups:
-            part = F.conv2d(x[:, group].to(torch.float32), self.weight[:, group], padding=pad).to(torch.int64)
-            acc = part if acc is None else acc + part
-        y = (acc * self.mult.view(1, -1, 1, 1) + self.offset.view(1, -1, 1, 1)) >> REQUANT_SHIFT
+        if self.input_groups is None:
+            acc = F.conv2d(x, self.weight, padding=pad).add_(self.bias)
+            y = acc.mul_(self.factor).floor_()
+        else:
+            acc = sum(F.conv2d(x[:, g], self.weight[:, g], padding=pad).double() for g in self.input_groups)
+            y = acc.add_(self.bias.double()).mul_(self.factor.double()).floor_().float()
         if self.lo is not None:
-            y = torch.maximum(torch.minimum(y, self.hi.view(1, -1, 1, 1)), self.lo.view(1, -1, 1, 1))
+            y = torch.clamp(y, self.lo, self.hi)
         return y
 
 
@@ -85,9 +89,9 @@ class IntNet:
         return [self.conv_in, *[layer for block in self.blocks for layer in block], self.conv_out]
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z.clamp(IN_MIN, IN_MAX)).clamp(0, ACT_LEVELS)
+        h = self.conv_in(z.clamp(IN_MIN, IN_MAX)).clamp_(0, ACT_LEVELS)
         for conv_a, conv_b in self.blocks:
-            h = (h + conv_b(conv_a(h).clamp(0, ACT_LEVELS))).clamp(0, ACT_LEVELS)
+            h = conv_b(conv_a(h).clamp_(0, ACT_LEVELS)).add_(h).clamp_(0, ACT_LEVELS)
         return self.conv_out(h)
 
 
@@ -102,8 +106,8 @@ def exact_kernels():
 class SplitParams:
     """Prior of the factored-out latents of one level: table row index and window centre per latent."""
 
-    rows: torch.Tensor  # int64, scale_index * MEAN_STEPS + mean_fraction
-    centres: torch.Tensor  # int64, floor(mean)
+    rows: torch.Tensor  # integers, scale_index * MEAN_STEPS + mean_fraction
+    centres: torch.Tensor  # integers, floor(mean)
 
 
 class IntegerIDF:
@@ -118,15 +122,12 @@ class IntegerIDF:
         self.couplings = [[net.to(self.device) for net in level] for level in couplings]
         self.split_priors = [net.to(self.device) for net in split_priors]
 
-    def to(self, device: torch.device | str) -> "IntegerIDF":
-        perms = [[p.cpu().numpy() for p in level] for level in self.perms]
-        return IntegerIDF(self.cfg, perms, self.couplings, self.split_priors, device)
-
     def split_params(self, level: int, keep: torch.Tensor) -> SplitParams:
         out = self.split_priors[level](keep)
         half = out.shape[1] // 2
         mean_q, scale_index = out[:, :half], out[:, half:]
-        return SplitParams(scale_index * MEAN_STEPS + (mean_q & (MEAN_STEPS - 1)), mean_q >> MEAN_SHIFT)
+        centres = torch.floor(mean_q / MEAN_STEPS)  # exact: division by a power of two
+        return SplitParams(scale_index * MEAN_STEPS + (mean_q - centres * MEAN_STEPS), centres)
 
     def _couple(self, level: int, z: torch.Tensor, inverse: bool) -> torch.Tensor:
         steps = range(self.cfg.steps)
@@ -144,9 +145,9 @@ class IntegerIDF:
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[SplitParams], torch.Tensor]:
-        """uint8 (B, 3, 80, 80) -> (factored-out latents per level, their priors, top latents)."""
+        """uint8 (B, 3, 80, 80) -> (factored-out latents per level, their priors, top latents), all integers."""
         with exact_kernels():
-            z = F.pixel_unshuffle(x.to(self.device, torch.int64) - 128, 2)
+            z = F.pixel_unshuffle(x.to(self.device, torch.float32) - 128, 2)
             outs, priors = [], []
             for level in range(self.cfg.levels):
                 z = self._couple(level, z, inverse=False)
@@ -162,7 +163,7 @@ class IntegerIDF:
     def inverse_level(self, level: int, z: torch.Tensor) -> torch.Tensor:
         """Undo the couplings of one level (z holds all its channels)."""
         with exact_kernels():
-            return self._couple(level, z.to(self.device, torch.int64), inverse=True)
+            return self._couple(level, z.to(self.device, torch.float32), inverse=True)
 
     @torch.no_grad()
     def split_params_for(self, level: int, keep: torch.Tensor) -> SplitParams:

@@ -7,6 +7,7 @@ sha256, checked on every load (as CompressAI does).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -17,8 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .config import (ACT_LEVELS, ACT_MAX, IN_DIV, IN_MAX, IN_MIN, MEAN_STEPS, NUM_SCALES, REQUANT_SHIFT, T_MAX,
-                     WEIGHT_LEVELS, IDFConfig)
+from .config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, NUM_SCALES, T_MAX, WEIGHT_LEVELS, IDFConfig
 from .errors import WeightsMismatchError, WsiIdfError
 from .flow import IDF, QuantConv, QuantNet
 from .integer_flow import IntConv, IntegerIDF, IntNet
@@ -28,24 +28,23 @@ FILE_FORMAT = "wsi-idf-model/1"
 LATENT_LIMIT = 2**15 * MEAN_STEPS
 
 
-def _export_conv(conv: QuantConv, first: bool, units: np.ndarray | None) -> dict[str, np.ndarray]:
+def _export_conv(conv: QuantConv) -> dict[str, np.ndarray]:
+    """Integer weights, bias and shift: y = floor((conv(x, w) + bias) * 2**-shift) in output steps."""
     w = conv.weight.detach().double().cpu().numpy()
+    exponent = conv.weight_exponent().double().cpu().numpy()
     s_w = conv.weight_scale().double().cpu().numpy()
     w_q = np.clip(np.round(w / s_w[:, None, None, None]), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8)
-    s_in = 1.0 / IN_DIV if first else ACT_MAX / ACT_LEVELS
-    unit = np.full(w.shape[0], ACT_LEVELS / ACT_MAX) if units is None else units
-    bias = conv.bias.detach().double().cpu().numpy()
-    scale = 2.0**REQUANT_SHIFT
-    return {"weight": w_q, "mult": np.round(s_w * s_in * unit * scale).astype(np.int64),
-            "offset": np.floor((bias * unit + 0.5) * scale).astype(np.int64)}
+    out_scale = conv.out_scale.double().cpu().numpy()
+    bias = conv.bias.detach().double().cpu().numpy() / out_scale + 0.5  # +0.5: floor rounds to nearest
+    return {"weight": w_q, "bias": np.round(np.ldexp(bias, -exponent.astype(np.int64))).astype(np.int64),
+            "shift": (-exponent).astype(np.int64)}
 
 
-def _export_net(net: QuantNet, prefix: str, units: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> dict:
+def _export_net(net: QuantNet, prefix: str, lo: np.ndarray, hi: np.ndarray) -> dict:
     convs = [net.conv_in, *[c for block in net.blocks for c in block], net.conv_out]
     tensors = {}
     for i, conv in enumerate(convs):
-        last = i == len(convs) - 1
-        for key, value in _export_conv(conv, first=i == 0, units=units if last else None).items():
+        for key, value in _export_conv(conv).items():
             tensors[f"{prefix}.{i}.{key}"] = value
     tensors[f"{prefix}.{len(convs) - 1}.lo"] = lo.astype(np.int64)
     tensors[f"{prefix}.{len(convs) - 1}.hi"] = hi.astype(np.int64)
@@ -53,7 +52,15 @@ def _export_net(net: QuantNet, prefix: str, units: np.ndarray, lo: np.ndarray, h
 
 
 def export_model(model: IDF, directory: str | Path, name: str) -> Path:
-    """Write ``{name}-{sha256[:8]}.safetensors`` with the integer coding model; return its path."""
+    """Write ``{name}-{sha256[:8]}.safetensors`` with the integer coding model; return its path.
+
+    The float weights are kept in float16 (for fine-tuning) and the integer model is derived
+    from exactly those values, so exporting a loaded file reproduces it byte for byte.
+    """
+    model = copy.deepcopy(model).cpu()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())
     cfg = model.cfg
     tensors: dict[str, np.ndarray] = {}
     for level, c in enumerate(cfg.level_channels()):
@@ -61,24 +68,24 @@ def export_model(model: IDF, directory: str | Path, name: str) -> Path:
         for step in range(cfg.steps):
             tensors[f"perm.{level}.{step}"] = model.perm(level, step).cpu().numpy().astype(np.int64)
             tensors.update(_export_net(model.couplings[level][step], f"coupling.{level}.{step}",
-                                       np.ones(half), np.full(half, -T_MAX), np.full(half, T_MAX)))
+                                       np.full(half, -T_MAX), np.full(half, T_MAX)))
         if level < cfg.levels - 1:
-            units = np.concatenate([np.full(half, MEAN_STEPS), np.ones(half)])
             lo = np.concatenate([np.full(half, -LATENT_LIMIT), np.zeros(half)])
             hi = np.concatenate([np.full(half, LATENT_LIMIT), np.full(half, NUM_SCALES - 1)])
-            tensors.update(_export_net(model.split_priors[level], f"prior.{level}", units, lo, hi))
+            tensors.update(_export_net(model.split_priors[level], f"prior.{level}", lo, hi))
     tensors["split_freq"] = split_table()
     centres, freq = top_table(*(p.detach().double().cpu().numpy()
                                 for p in (model.top_mean, model.top_log_scale, model.top_logits)))
     tensors["top_centre"], tensors["top_freq"] = centres, freq
     for key, value in model.state_dict().items():
         if not key.startswith("perm_"):
-            tensors[f"float.{key}"] = value.detach().float().cpu().numpy()
+            tensors[f"float.{key}"] = value.detach().half().cpu().numpy()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{name}.tmp.safetensors"
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-              metadata={"format": FILE_FORMAT, "name": name, "config": cfg.to_json()})
+    # one metadata key: safetensors keeps metadata in a hash map, so several keys come out in random order
+    header = json.dumps({"format": FILE_FORMAT, "name": name, "config": json.loads(cfg.to_json())}, sort_keys=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata={"wsi_idf": header})
     path = directory / f"{name}-{file_sha256(tmp)[:8]}.safetensors"
     tmp.replace(path)
     return path
@@ -112,10 +119,11 @@ class CodingModel:
         return bytes.fromhex(self.sha256[:8])
 
 
-def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _read(path: Path, tensors: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     try:
         with safe_open(str(path), framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            meta = json.loads((f.metadata() or {}).get("wsi_idf", "{}"))
+            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), meta
     except Exception as exc:  # safetensors raises several types for damaged files
         raise WsiIdfError(f"cannot read model file {path}: {exc}") from exc
 
@@ -136,14 +144,14 @@ def load_coding_model(path: str | Path, device: str | torch.device = "cpu") -> C
     tensors, meta = _read(path)
     if meta.get("format") != FILE_FORMAT:
         raise WsiIdfError(f"{path.name} is not a {FILE_FORMAT} model file")
-    cfg = IDFConfig.from_json(meta["config"])
+    cfg = IDFConfig(**meta["config"])
 
     def net(prefix: str) -> IntNet:
         n_layers = 2 + 2 * cfg.blocks
         layers = []
         for i in range(n_layers):
             key = f"{prefix}.{i}"
-            layers.append(IntConv.build(tensors[f"{key}.weight"], tensors[f"{key}.mult"], tensors[f"{key}.offset"],
+            layers.append(IntConv.build(tensors[f"{key}.weight"], tensors[f"{key}.bias"], tensors[f"{key}.shift"],
                                         max_input=max(-IN_MIN, IN_MAX) if i == 0 else ACT_LEVELS,
                                         lo=tensors.get(f"{key}.lo"), hi=tensors.get(f"{key}.hi")))
         return IntNet(layers)
@@ -161,16 +169,9 @@ def load_float_model(path: str | Path) -> IDF:
     path = Path(path)
     verify_file_hash(path)
     tensors, meta = _read(path)
-    model = IDF(IDFConfig.from_json(meta["config"]))
-    state = {k[len("float."):]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("float.")}
+    model = IDF(IDFConfig(**meta["config"]))
+    state = {k[len("float."):]: torch.from_numpy(v.astype(np.float32)) for k, v in tensors.items()
+             if k.startswith("float.")}
     state.update({k: v for k, v in model.state_dict().items() if k.startswith("perm_")})
     model.load_state_dict(state)
     return model
-
-
-def describe(path: str | Path) -> dict:
-    """Name, config and hash of a model file, without building the model."""
-    path = Path(path)
-    with safe_open(str(path), framework="numpy") as f:
-        meta = dict(f.metadata() or {})
-    return {"name": meta.get("name"), "config": json.loads(meta.get("config", "{}")), "file": path.name}

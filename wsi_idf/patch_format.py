@@ -89,9 +89,3 @@ def decode_plain(header: PatchHeader, payload: memoryview) -> np.ndarray:
     if len(raw) != RAW_BYTES:
         raise CorruptPatchError(f"patch payload holds {len(raw)} bytes, expected {RAW_BYTES}: truncated or damaged")
     return np.frombuffer(raw, dtype=np.uint8).reshape(CHANNELS, PATCH, PATCH)
-
-
-def check_pixels(patch: np.ndarray, header: PatchHeader) -> np.ndarray:
-    if pixel_checksum(patch) != header.crc32c:
-        raise CorruptPatchError("pixel checksum (CRC32C) mismatch: the stored patch is damaged")
-    return patch

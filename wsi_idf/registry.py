@@ -33,9 +33,9 @@ class ModelEntry:
 
 MODELS: dict[str, ModelEntry] = {
     entry.name: entry for entry in [
-        ModelEntry("fast", IDFConfig(levels=3, steps=4, width=32, blocks=1, seed=0), "fast-6ac0b3ba.safetensors",
+        ModelEntry("fast", IDFConfig(levels=3, steps=4, width=32, blocks=1, seed=0), "fast-29461924.safetensors",
                    "small ResNet couplings; decodes region reads on a CPU"),
-        ModelEntry("max", IDFConfig(levels=3, steps=8, width=96, blocks=2, seed=1), "max-0a1b7f46.safetensors",
+        ModelEntry("max", IDFConfig(levels=3, steps=8, width=96, blocks=2, seed=1), "max-c2b8d2d9.safetensors",
                    "best compression; meant for GPU packing"),
     ]
 }
@@ -59,28 +59,52 @@ def entry(name: str | None) -> ModelEntry:
         raise UnknownModelError(f"unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}") from None
 
 
-def entry_for_weights_id(weights_id: bytes) -> ModelEntry:
-    for candidate in MODELS.values():
-        if candidate.weights_id == weights_id:
-            return candidate
-    raise WeightsMismatchError(
-        f"data was written with model weights {weights_id.hex()}, which this wsi-idf does not ship "
-        f"(it has {', '.join(f'{e.name}={e.weights_id.hex()}' for e in MODELS.values())}); "
-        "install the wsi-idf version that wrote it or pass its model file")
+def weights_file(name: str | None = None, weights: str | bytes | None = None) -> Path:
+    """The model file of a registered name, or of given weights (a sha256 hex or the 4-byte id).
+
+    Weight files are never deleted when a model is retrained: archives name the weights
+    they were written with, and those must decode in every later version.
+    """
+    if weights is None:
+        return WEIGHTS_DIR / entry(name).weights
+    prefix = weights.hex() if isinstance(weights, bytes) else weights[:8]
+    pattern = f"{name}-{prefix}.safetensors" if name else f"*-{prefix}.safetensors"
+    matches = sorted(WEIGHTS_DIR.glob(pattern))
+    if not matches:
+        shipped = ", ".join(f"{e.name}={e.weights_id.hex()}" for e in MODELS.values())
+        raise WeightsMismatchError(
+            f"data was written with {'model ' + repr(name) + ' ' if name else ''}weights {prefix}, which this "
+            f"wsi-idf does not have (current models: {shipped}); install the wsi-idf version that wrote it "
+            "or pass its model file")
+    return matches[0]
 
 
-def get_model(model: str | Path | CodingModel | None = None, device: str | torch.device | None = "cpu") -> CodingModel:
-    """A loaded coding model: by registered name, by model-file path, or passed through."""
+def get_model(model: str | Path | CodingModel | None = None, device: str | torch.device | None = "cpu",
+              weights: str | bytes | None = None) -> CodingModel:
+    """A loaded coding model: by registered name (and optionally weights), by model-file path, or passed through.
+
+    With ``weights`` given, a model whose weights differ raises ``WeightsMismatchError``.
+    """
     if isinstance(model, CodingModel):
-        return model
-    dev = default_device(device)
-    path = Path(model) if isinstance(model, Path) or (isinstance(model, str) and model.endswith(".safetensors")) \
-        else WEIGHTS_DIR / entry(model).weights
-    key = (str(path), str(dev))
-    with _lock:
-        if key not in _cache:
-            _cache[key] = load_coding_model(path, dev)
-        return _cache[key]
+        loaded = model
+    else:
+        dev = default_device(device)
+        if isinstance(model, Path) or (isinstance(model, str) and model.endswith(".safetensors")):
+            path = Path(model)
+        else:
+            path = weights_file(model, weights)
+        key = (str(path), str(dev))
+        with _lock:
+            if key not in _cache:
+                _cache[key] = load_coding_model(path, dev)
+            loaded = _cache[key]
+    if weights is not None:
+        expected = weights.hex() if isinstance(weights, bytes) else weights
+        if not loaded.sha256.startswith(expected):
+            raise WeightsMismatchError(
+                f"data was written with weights {expected[:16]}, but model {loaded.name!r} has weights "
+                f"{loaded.sha256[:16]}: decoding with other weights cannot be exact")
+    return loaded
 
 
 def entropy_tables(model: CodingModel) -> tuple[TableModels, TableModels]:

@@ -5,6 +5,7 @@ The coding model is derived afterwards by ``wsi_idf.model_file.export_model``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from safetensors.torch import load_file, save_file
 from .config import IDFConfig
 from .data import random_crops
 from .flow import IDF
+
+logger = logging.getLogger("wsi_idf.training")
 
 
 @dataclass
@@ -56,9 +59,10 @@ def train(model: IDF, tiles: list[np.ndarray], val_patches: np.ndarray, settings
         model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         step = int(state["step"].item())
     rng = np.random.default_rng(settings.seed + step)
-    started = time.monotonic()
+    started, first_step = time.monotonic(), step
     while step < settings.steps:
-        lr = settings.lr * min(1.0, (step + 1) / settings.warmup)
+        # warm up at every (re)start: the optimizer's moments are not checkpointed
+        lr = settings.lr * min(1.0, (step - first_step + 1) / settings.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = torch.from_numpy(random_crops(tiles, settings.batch_size, rng)).to(device)
@@ -94,8 +98,9 @@ def save_checkpoint(model: IDF, step: int, path: Path) -> None:
 
 
 def log_to(path: str | Path) -> Callable[[dict], None]:
+    """A training log: one JSON line per evaluation in ``path``, also sent to the logger."""
     def write(record: dict) -> None:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        print(json.dumps(record), flush=True)
+        logger.info(json.dumps(record))
     return write

@@ -1,0 +1,123 @@
+"""The wsi_idf Zarr codecs: config, numcodecs registry, v3 sharded and v2 arrays, plain-zarr reads."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numcodecs
+import numpy as np
+import pytest
+import zarr
+
+from wsi_idf import WeightsMismatchError
+from wsi_idf.codec import WsiIdf
+from wsi_idf.registry import DEFAULT_MODEL, get_model
+from wsi_idf.zarr_codec import WsiIdfCodec
+
+
+@pytest.fixture(scope="module")
+def region(val_patches) -> np.ndarray:
+    """A (3, 170, 250) real-pixel image (odd size: zarr pads the edge chunks)."""
+    grid = val_patches[:9].reshape(3, 3, 3, 80, 80).transpose(2, 0, 3, 1, 4).reshape(3, 240, 240)
+    return np.ascontiguousarray(np.concatenate([grid, grid[:, :, :10]], axis=2)[:, :170])
+
+
+def test_get_codec_gives_default_model_and_config_roundtrips():
+    codec = numcodecs.get_codec({"id": "wsi_idf"})
+    assert isinstance(codec, WsiIdf) and codec.model == DEFAULT_MODEL
+    config = codec.get_config()
+    assert config == {"id": "wsi_idf", "model": DEFAULT_MODEL, "weights": get_model().sha256}
+    assert numcodecs.get_codec(config) == codec
+    v3 = WsiIdfCodec.from_dict(WsiIdfCodec().to_dict())
+    assert v3 == WsiIdfCodec() and v3.to_dict()["configuration"]["weights"] == get_model().sha256
+
+
+def test_config_with_other_weights_refuses():
+    with pytest.raises(WeightsMismatchError):
+        numcodecs.get_codec({"id": "wsi_idf", "model": "fast", "weights": "0" * 64})
+    with pytest.raises(WeightsMismatchError):
+        WsiIdfCodec.from_dict({"name": "wsi_idf", "configuration": {"model": "fast", "weights": "f" * 64}})
+
+
+def test_numcodecs_roundtrip(val_patches):
+    codec = WsiIdf()
+    enc = codec.encode(val_patches[0])
+    np.testing.assert_array_equal(codec.decode(enc).reshape(3, 80, 80), val_patches[0])
+    out = np.empty((3, 80, 80), np.uint8)
+    codec.decode(enc, out=out)
+    np.testing.assert_array_equal(out, val_patches[0])
+
+
+def write_v3(path, data):
+    arr = zarr.create_array(str(path), shape=data.shape, dtype="uint8", chunks=(3, 80, 80), shards=(3, 160, 160),
+                            serializer=WsiIdfCodec(), compressors=None, fill_value=0, dimension_names=("c", "y", "x"))
+    arr[:] = data
+    return arr
+
+
+def write_v2(path, data):
+    arr = zarr.create_array(str(path), shape=data.shape, dtype="uint8", chunks=(3, 80, 80), zarr_format=2,
+                            compressors=[WsiIdf()], filters=None, fill_value=0)
+    arr[:] = data
+    return arr
+
+
+@pytest.mark.parametrize("write", [write_v3, write_v2])
+def test_zarr_array_roundtrip_and_regions(tmp_path, region, write):
+    write(tmp_path / "a.zarr", region)
+    arr = zarr.open_array(str(tmp_path / "a.zarr"), mode="r")
+    np.testing.assert_array_equal(arr[:], region)
+    np.testing.assert_array_equal(arr[:, 75:165, 3:247], region[:, 75:165, 3:247])
+    np.testing.assert_array_equal(arr[1, 169, 249], region[1, 169, 249])
+
+
+@pytest.mark.parametrize("write", [write_v3, write_v2])
+def test_plain_zarr_reads_without_importing_wsi_idf(tmp_path, region, write):
+    write(tmp_path / "a.zarr", region)
+    np.save(tmp_path / "want.npy", region[:, 10:150, 20:200])
+    code = f"""
+import sys, numpy as np, zarr
+arr = zarr.open_array({str(tmp_path / 'a.zarr')!r}, mode='r')
+assert (arr[:, 10:150, 20:200] == np.load({str(tmp_path / 'want.npy')!r})).all()
+print('ok')
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_v3_rejects_wrong_chunk_shape(tmp_path):
+    arr = zarr.create_array(str(tmp_path / "b.zarr"), shape=(3, 64, 64), dtype="uint8", chunks=(3, 64, 64),
+                            serializer=WsiIdfCodec(), compressors=None, fill_value=0)
+    with pytest.raises(Exception, match="chunks"):
+        arr[:] = np.ones((3, 64, 64), np.uint8)
+
+
+def test_concurrent_decode_is_thread_safe(val_patches):
+    codec = WsiIdf()
+    blobs = [codec.encode(p) for p in val_patches[:12]]
+    with ThreadPoolExecutor(4) as pool:
+        decoded = list(pool.map(lambda b: codec.decode(b).reshape(3, 80, 80), blobs * 3))
+    for i, d in enumerate(decoded):
+        np.testing.assert_array_equal(d, val_patches[i % 12])
+
+
+def test_damaged_chunk_in_shard_raises_and_neighbours_still_read(tmp_path, region):
+    from wsi_idf import CorruptPatchError
+    write_v3(tmp_path / "a.zarr", region)
+    shard = tmp_path / "a.zarr" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x40  # inside the first inner chunk (the index sits at the end)
+    shard.write_bytes(bytes(data))
+    arr = zarr.open_array(str(tmp_path / "a.zarr"), mode="r")
+    with pytest.raises(CorruptPatchError):
+        arr[:, :80, :80]
+    np.testing.assert_array_equal(arr[:, 80:160, 80:160], region[:, 80:160, 80:160])
+
+
+def test_codecs_pickle_as_configuration():
+    import pickle
+    for codec in (WsiIdf(), WsiIdfCodec()):
+        data = pickle.dumps(codec)
+        assert len(data) < 1000 and pickle.loads(data) == codec

@@ -1,0 +1,193 @@
+"""Batch encode/decode: exact round trips, the patch format, damage, weights, determinism, old bytes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import wsi_idf
+from conftest import DATA, HARD_KINDS, NO_DATA, hard_patch
+from wsi_idf import CorruptPatchError, InvalidPatchError, WeightsMismatchError, decode_patches, encode_patches
+from wsi_idf import patch_format as fmt
+from wsi_idf.registry import MODELS, WEIGHTS_DIR
+
+FIXTURES = Path(__file__).parent / "fixtures" / "format_v1"
+
+
+def test_roundtrip_real_patches(val_patches):
+    blobs = encode_patches(val_patches)
+    np.testing.assert_array_equal(decode_patches(blobs), val_patches)
+    assert all(fmt.unpack(b)[0].mode == fmt.Mode.IDF for b in blobs)
+    assert sum(map(len, blobs)) < 0.6 * val_patches.nbytes
+
+
+def test_roundtrip_hard_patches(hard_patches):
+    blobs = encode_patches(hard_patches)
+    np.testing.assert_array_equal(decode_patches(blobs), hard_patches)
+    assert max(map(len, blobs)) <= fmt.RAW_BYTES + fmt.HEADER.size  # never more than raw + header
+    modes = {kind: fmt.unpack(b)[0].mode for kind, b in zip(HARD_KINDS, blobs)}
+    assert modes["noise"] in (fmt.Mode.RAW, fmt.Mode.DEFLATE)
+    sizes = dict(zip(HARD_KINDS, map(len, blobs)))
+    assert sizes["zeros"] < 100 and sizes["full"] < 100 and sizes["checker8"] < 200
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), low=st.integers(0, 255), span=st.integers(0, 255),
+       kind=st.sampled_from(["uniform", "blocks", "rows"]))
+def test_roundtrip_generated(seed, low, span, kind):
+    rng = np.random.default_rng(seed)
+    high = min(255, low + span)
+    if kind == "uniform":
+        p = rng.integers(low, high + 1, (3, 80, 80))
+    elif kind == "blocks":
+        p = np.kron(rng.integers(low, high + 1, (3, 10, 10)), np.ones((1, 8, 8)))
+    else:
+        p = np.repeat(rng.integers(low, high + 1, (3, 80, 1)), 80, axis=2)
+    patch = p.astype(np.uint8)[None]
+    np.testing.assert_array_equal(decode_patches(encode_patches(patch)), patch)
+
+
+def test_batch_size_does_not_change_bytes(val_patches):
+    assert encode_patches(val_patches[:6], batch_size=1) == encode_patches(val_patches[:6], batch_size=256)
+
+
+def test_both_models_roundtrip(val_patches):
+    for name in MODELS:
+        blobs = encode_patches(val_patches[:3], model=name)
+        np.testing.assert_array_equal(decode_patches(blobs), val_patches[:3])  # model found from the bytes
+
+
+@pytest.mark.parametrize("bad", [np.zeros((1, 3, 80, 80), np.uint16), np.zeros((1, 4, 80, 80), np.uint8),
+                                 np.zeros((3, 80, 80), np.uint8), np.zeros((1, 3, 64, 64), np.uint8), [[1, 2]]])
+def test_invalid_input_raises(bad):
+    with pytest.raises(InvalidPatchError):
+        encode_patches(bad)
+
+
+def test_truncation_always_raises(val_patches):
+    blob = encode_patches(val_patches[:1])[0]
+    for n in sorted({0, 1, 5, 11, 12, 13, 16, len(blob) // 2, len(blob) - 4, len(blob) - 1}):
+        with pytest.raises(CorruptPatchError):
+            decode_patches([blob[:n]])
+
+
+def test_flipped_bytes_never_give_wrong_pixels(val_patches):
+    patch = val_patches[:1]
+    blob = bytearray(encode_patches(patch)[0])
+    rng = np.random.default_rng(0)
+    raised = 0
+    for _ in range(60):
+        damaged = bytearray(blob)
+        pos = int(rng.integers(0, len(blob)))
+        damaged[pos] ^= 1 << int(rng.integers(0, 8))
+        try:
+            out = decode_patches([bytes(damaged)])
+        except (CorruptPatchError, WeightsMismatchError):
+            raised += 1
+        else:  # only possible if the damage did not change the pixels at all
+            np.testing.assert_array_equal(out, patch)
+    assert raised >= 55
+
+
+def test_header_damage_has_clear_messages(val_patches):
+    blob = encode_patches(val_patches[:1])[0]
+    with pytest.raises(CorruptPatchError, match="magic"):
+        decode_patches([b"XX" + blob[2:]])
+    with pytest.raises(CorruptPatchError, match="newer"):
+        decode_patches([blob[:2] + bytes([99]) + blob[3:]])
+    with pytest.raises(CorruptPatchError, match="mode"):
+        decode_patches([blob[:3] + bytes([77]) + blob[4:]])
+    with pytest.raises(CorruptPatchError, match="checksum"):
+        decode_patches([blob[:8] + bytes([blob[8] ^ 1]) + blob[9:]])
+
+
+def test_weights_mismatch_refuses(val_patches, tmp_path):
+    blob = encode_patches(val_patches[:1], model="fast")[0]
+    other = WEIGHTS_DIR / MODELS["max"].weights
+    with pytest.raises(WeightsMismatchError, match="other weights"):
+        decode_patches([blob], model=str(other))
+    unknown = blob[:4] + b"\xde\xad\xbe\xef" + blob[8:]
+    with pytest.raises(WeightsMismatchError, match="deadbeef"):
+        decode_patches([unknown])
+
+
+def _run(code: str, threads: int) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
+
+
+def test_encode_and_decode_in_other_processes_threads_and_batches(val_patches, tmp_path):
+    np.save(tmp_path / "x.npy", val_patches[:12])
+    encode = f"""
+import numpy as np, torch, pickle
+torch.set_num_threads(1)
+from wsi_idf import encode_patches
+blobs = encode_patches(np.load({str(tmp_path / 'x.npy')!r}), batch_size=1)
+open({str(tmp_path / 'blobs.bin')!r}, 'wb').write(b''.join(len(b).to_bytes(4, 'little') + b for b in blobs))
+"""
+    decode = f"""
+import numpy as np, torch
+torch.set_num_threads(2)
+from wsi_idf import decode_patches, encode_patches
+data = open({str(tmp_path / 'blobs.bin')!r}, 'rb').read()
+blobs, i = [], 0
+while i < len(data):
+    n = int.from_bytes(data[i:i + 4], 'little'); blobs.append(data[i + 4:i + 4 + n]); i += 4 + n
+x = np.load({str(tmp_path / 'x.npy')!r})
+assert (decode_patches(blobs * 22, batch_size=256)[:12] == x).all()
+assert encode_patches(x, batch_size=256) == blobs
+print('ok')
+"""
+    _run(encode, 1)
+    assert _run(decode, 2).strip() == "ok"
+
+
+def test_committed_fixture_bytes_decode(tmp_path):
+    """Bytes written by earlier versions decode to the same pixels forever (the format is a promise)."""
+    manifest = json.loads((FIXTURES / "manifest.json").read_text())
+    for item in manifest:
+        blob = (FIXTURES / item["file"]).read_bytes()
+        if item["source"] == "hard":
+            expected = hard_patch(item["kind"], item["seed"])
+        else:
+            if not (DATA / "tiles").is_dir():
+                pytest.skip(NO_DATA)
+            from wsi_idf.data import read_rgb
+            tile = read_rgb(DATA / item["tile"])
+            y, x = item["y"], item["x"]
+            expected = np.ascontiguousarray(tile[y:y + 80, x:x + 80].transpose(2, 0, 1))
+        np.testing.assert_array_equal(decode_patches([blob])[0], expected, err_msg=item["file"])
+        assert fmt.unpack(blob)[0].mode == fmt.Mode[item["mode"]]
+
+
+def test_bytes_written_within_one_percent_of_model_nll(val_patches):
+    """rANS overhead: payload bytes <= 1.01 x the integer model's NLL (+ the final partial word)."""
+    blobs = encode_patches(val_patches)
+    nll_bytes = wsi_idf.ideal_bits(val_patches).sum() / 8
+    payload = sum(len(b) - fmt.HEADER.size for b in blobs)
+    assert payload <= 1.01 * nll_bytes + 4 * len(blobs)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device on this machine")
+def test_gpu_encode_equals_cpu_encode(val_patches):
+    """The integer model gives the same bytes on a GPU: encode there, decode on the CPU."""
+    for name in MODELS:
+        gpu = encode_patches(val_patches, model=name, device="cuda", batch_size=256)
+        assert gpu == encode_patches(val_patches, model=name, device="cpu", batch_size=7)
+        np.testing.assert_array_equal(decode_patches(gpu, device="cpu"), val_patches)
+
+
+@pytest.mark.slow
+def test_every_validation_patch_roundtrips_with_every_model():
+    if not (DATA / "tiles" / "val").is_dir():
+        pytest.skip(NO_DATA)
+    from wsi_idf.data import grid_patches, load_tiles
+    patches = grid_patches(load_tiles(DATA / "tiles" / "val"))
+    for name in MODELS:
+        np.testing.assert_array_equal(decode_patches(encode_patches(patches, model=name)), patches)

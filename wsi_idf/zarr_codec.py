@@ -1,0 +1,86 @@
+"""The ``wsi_idf`` codec for Zarr format 3: an ArrayBytesCodec over the numcodecs codec.
+
+Zarr v3 accepts only an ArrayBytesCodec as serializer, so this thin adapter hands each
+(3, 80, 80) uint8 chunk to ``WsiIdf`` and back. Registered by the ``zarr.codecs`` entry
+point, so plain ``zarr.open`` reads archives without importing wsi_idf.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from zarr.abc.codec import ArrayBytesCodec
+from zarr.core.buffer import Buffer, NDBuffer
+from zarr.core.common import JSON, parse_named_configuration
+
+from .codec import WsiIdf
+from .config import CHANNELS, PATCH
+from .errors import InvalidPatchError
+from .registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from zarr.core.array_spec import ArraySpec
+    from zarr.core.chunk_grids import ChunkGrid
+    from zarr.core.dtype.wrapper import TBaseDType, TBaseScalar, ZDType
+
+CHUNK_SHAPE = (CHANNELS, PATCH, PATCH)
+
+
+@dataclass(frozen=True)
+class WsiIdfCodec(ArrayBytesCodec):
+    """Lossless IDF coding of (3, 80, 80) uint8 chunks; configuration pins model and weights."""
+
+    is_fixed_size = False
+
+    model: str
+    weights: str
+
+    def __init__(self, *, model: str = DEFAULT_MODEL, weights: str | None = None) -> None:
+        engine = WsiIdf(model=model, weights=weights)  # refuses mismatched weights at open time
+        object.__setattr__(self, "model", engine.model)
+        object.__setattr__(self, "weights", engine.weights)
+        object.__setattr__(self, "_codec", engine)  # not a dataclass field: kept out of eq/repr
+
+    def __reduce__(self):  # pickle the configuration, not the loaded model (Dask ships codecs to workers)
+        return _codec_from_config, (self.model, self.weights)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, JSON]) -> Self:
+        _, configuration = parse_named_configuration(data, "wsi_idf", require_configuration=False)
+        return cls(**(configuration or {}))  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, JSON]:
+        return {"name": "wsi_idf", "configuration": {"model": self.model, "weights": self.weights}}
+
+    def validate(self, *, shape: tuple[int, ...], dtype: ZDType[TBaseDType, TBaseScalar],
+                 chunk_grid: ChunkGrid) -> None:
+        if dtype.to_native_dtype() != np.dtype(np.uint8):
+            raise ValueError(f"the wsi_idf codec stores uint8 RGB, not {dtype.to_native_dtype()}")
+
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
+        patch = self._codec.decode(chunk_bytes.to_bytes())
+        return chunk_spec.prototype.nd_buffer.from_numpy_array(patch.reshape(chunk_spec.shape))
+
+    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        patch = np.ascontiguousarray(chunk_array.as_numpy_array())
+        if patch.shape != CHUNK_SHAPE:
+            raise InvalidPatchError(f"wsi_idf needs chunks (inner chunks when sharded) of shape {CHUNK_SHAPE}, "
+                                    f"got {patch.shape}")
+        return chunk_spec.prototype.buffer.from_bytes(self._codec.encode(patch))
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
+        return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
+
+    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        return await asyncio.to_thread(self._encode_sync, chunk_array, chunk_spec)
+
+    def compute_encoded_size(self, _input_byte_length: int, _chunk_spec: ArraySpec) -> int:
+        raise NotImplementedError("wsi_idf output size depends on the content")
+
+
+def _codec_from_config(model: str, weights: str) -> WsiIdfCodec:
+    return WsiIdfCodec(model=model, weights=weights)
