@@ -32,10 +32,10 @@ class TableModels:
 
     def ideal_bits(self, values: np.ndarray, rows: np.ndarray, centres: np.ndarray) -> float:
         """Code length the tables assign to ``values`` (what an ideal entropy coder would write)."""
-        symbols, escaped = self._symbols(values, centres)
+        symbols, escaped = self.symbols(values, centres)
         return float(self.bits[rows, symbols].sum() + ESCAPE_BITS * escaped.sum())
 
-    def _symbols(self, values: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def symbols(self, values: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         offsets = values - centres + self.window
         escaped = (offsets < 0) | (offsets > 2 * self.window)
         return np.where(escaped, self.escape, offsets).astype(np.int32), escaped
@@ -52,7 +52,7 @@ def _groups(rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
 def push(coder: constriction.stream.stack.AnsCoder, tables: TableModels, values: np.ndarray,
          rows: np.ndarray, centres: np.ndarray) -> None:
     """Push 1-D int64 ``values``; ``pop`` with the same rows and centres returns them."""
-    symbols, escaped = tables._symbols(values, centres)
+    symbols, escaped = tables.symbols(values, centres)
     if escaped.any():  # popped last, so pushed first
         coder.encode_reverse((values[escaped] + _ESCAPE_OFFSET).astype(np.int32), _ESCAPE_MODEL)
     for row, positions in reversed(_groups(rows)):

@@ -69,9 +69,13 @@ class QuantConv(nn.Conv2d):
     def weight_scale(self) -> torch.Tensor:
         return torch.exp2(self.weight_exponent()) * self.out_scale / self.in_scale
 
+    def integer_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The int8 weight values (as ``dtype``): what the integer model stores and training simulates."""
+        s = self.weight_scale().to(dtype).view(-1, 1, 1, 1)
+        return torch.clamp(torch.round(self.weight.detach().to(dtype) / s), -WEIGHT_LEVELS, WEIGHT_LEVELS)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.weight_scale().view(-1, 1, 1, 1)
-        q = torch.clamp(torch.round(self.weight / s), -WEIGHT_LEVELS, WEIGHT_LEVELS) * s
+        q = self.integer_weight() * self.weight_scale().view(-1, 1, 1, 1)
         return F.conv2d(x, self.weight + (q - self.weight).detach(), self.bias, padding=self.padding)
 
 

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, NUM_SCALES, T_MAX, WEIGHT_LEVELS, IDFConfig
+from .config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, NUM_SCALES, T_MAX, IDFConfig
 from .errors import WeightsMismatchError, WsiIdfError
 from .flow import IDF, QuantConv, QuantNet
 from .integer_flow import IntConv, IntegerIDF, IntNet
@@ -30,10 +30,8 @@ LATENT_LIMIT = 2**15 * MEAN_STEPS
 
 def _export_conv(conv: QuantConv) -> dict[str, np.ndarray]:
     """Integer weights, bias and shift: y = floor((conv(x, w) + bias) * 2**-shift) in output steps."""
-    w = conv.weight.detach().double().cpu().numpy()
     exponent = conv.weight_exponent().double().cpu().numpy()
-    s_w = conv.weight_scale().double().cpu().numpy()
-    w_q = np.clip(np.round(w / s_w[:, None, None, None]), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8)
+    w_q = conv.integer_weight(torch.float64).cpu().numpy().astype(np.int8)
     out_scale = conv.out_scale.double().cpu().numpy()
     bias = conv.bias.detach().double().cpu().numpy() / out_scale + 0.5  # +0.5: floor rounds to nearest
     return {"weight": w_q, "bias": np.round(np.ldexp(bias, -exponent.astype(np.int64))).astype(np.int64),

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import IDFConfig
 from .data import random_crops
 from .flow import IDF
 
