@@ -1,7 +1,7 @@
 """The ``wsi-idf`` command line: thin subcommands over library functions.
 
 Exit codes: 0 success, 1 a wsi-idf error (bad input, damaged data, weights mismatch),
-2 usage error, 130 interrupted.
+2 usage error, 3 verification failed, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -21,8 +21,17 @@ EPILOG = """exit codes:
   0   success
   1   a wsi-idf error: unreadable or unsupported input, damaged data, model weights mismatch
   2   usage error
-  130 interrupted
+  3   verify found damaged or differing pixels
+  130 interrupted (an interrupted pack is finished with --resume)
+
+examples:
+  wsi-idf pack slide.svs -o slide.zarr          pack with the default model on a local Dask cluster
+  wsi-idf verify slide.zarr --source slide.svs  decode everything, compare with the source pixels
+  wsi-idf region slide.zarr --level 0 --x 1000 --y 2000 --width 512 --height 512 -o region.png
+  wsi-idf unpack slide.zarr -o slide.ome.tif    back to a tiled pyramidal OME-TIFF
 """
+
+EXIT_VERIFY_FAILED = 3
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -70,6 +79,104 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emit(args: argparse.Namespace, summary: dict, text: str) -> None:
+    if args.json:
+        print(json.dumps(summary))
+    elif not args.quiet:
+        print(text)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from .pack import pack_slide, partial_path
+    try:
+        s = pack_slide(args.slide, args.output, model=args.model, device=args.device, backend=args.backend,
+                       shard=args.shard, zarr_format=args.zarr_format, drop_label=args.drop_label,
+                       overwrite=args.overwrite, resume=args.resume, scheduler=args.scheduler, workers=args.workers,
+                       progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"wsi-idf: interrupted; the unfinished archive is kept at {partial_path(args.output)}: "
+              "run the same command with --resume to finish it", file=sys.stderr)
+        return 130
+    text = (f"{s['source']} -> {s['archive']}: {s['levels']} level(s), raw {_mb(s['raw_bytes'])}, archive "
+            f"{_mb(s['archive_bytes'])} ({s['ratio_to_raw']}x smaller than raw, {s['bits_per_subpixel']} bits per "
+            f"sub-pixel), source file {_mb(s['source_bytes'])} ({s['ratio_to_source']}x), {s['seconds']} s")
+    if s["archive_bytes"] > s["source_bytes"]:
+        text += ("\nnote: the archive is larger than the source file because the source is stored lossily "
+                 "(e.g. JPEG): the archive keeps exactly the decoded pixels, which a lossy file only approximates"
+                 if s["source_lossy"] else "\nnote: the archive is larger than the source file")
+    if s["skipped_levels"]:
+        text += f"\nnote: {s['skipped_levels']} source level(s) left out; see `wsi-idf info`"
+    _emit(args, s, text)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .errors import ArchiveError
+    from .verify import verify_archive
+    try:
+        s = verify_archive(args.archive, source=args.source, backend=args.backend, scheduler=args.scheduler,
+                           workers=args.workers, progress=not args.quiet)
+    except ArchiveError as exc:
+        if "verification failed" not in str(exc):
+            raise
+        if args.json:
+            print(json.dumps({"archive": str(args.archive), "ok": False, "error": str(exc)}))
+        print(f"wsi-idf: error: {exc}", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+    _emit(args, s, f"{s['archive']}: {s['levels']} level(s), {s['pixels']:,} pixels decoded, checksums ok"
+          + (", every pixel equal to the source" if s["source_compared"] else ""))
+    return 0
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    from .export import unpack_archive
+    s = unpack_archive(args.archive, args.output, overwrite=args.overwrite, progress=not args.quiet)
+    _emit(args, s, f"{s['archive']} -> {s['tiff']}: {s['levels']} level(s), {_mb(s['bytes'])}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .export import archive_info
+    s = archive_info(args.archive)
+    src = s["source"]
+    lines = [f"archive   {s['archive']} (Zarr v{s['zarr_format']}, wsi-idf {s['wsi_idf_version']})",
+             f"source    {src['name']}, {_mb(src['size'])}, sha256 {src['sha256'][:16]}..., read with "
+             f"{src['decoder'].get('reader')}",
+             f"model     {s['model']['name']} (weights {s['model']['weights'][:16]}...)",
+             f"slide     {s['vendor']}, mpp {s['mpp'] or 'unknown'}, objective {s['objective_power'] or 'unknown'}, "
+             f"ICC profile {'yes' if s['icc_profile'] else 'no'}, {s['properties']} properties"]
+    for lv in s["levels"]:
+        lines.append(f"level {lv['path']}   {lv['width']} x {lv['height']}, downsample {lv['downsample']:.4g}, "
+                     f"{_mb(lv['encoded_bytes'])}")
+    for lv in s["skipped_levels"]:
+        lines.append(f"left out  source level {lv['level']} ({lv['width']} x {lv['height']}): {lv['reason']}")
+    lines.append(f"images    {', '.join(s['associated']) or 'none'}"
+                 + (" (label dropped)" if s["label_dropped"] else ""))
+    lines.append(f"size      {_mb(s['archive_bytes'])} for {_mb(s['raw_bytes'])} raw ({s['ratio_to_raw']}x, "
+                 f"{s['bits_per_subpixel']} bits per sub-pixel)")
+    _emit(args, s, "\n".join(lines))
+    return 0
+
+
+def cmd_region(args: argparse.Namespace) -> int:
+    from .export import write_region
+    s = write_region(args.archive, args.output, args.level, args.x, args.y, args.width, args.height)
+    _emit(args, s, f"level {s['level']} x={s['x']} y={s['y']} {s['width']}x{s['height']} -> {s['out']}")
+    return 0
+
+
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="Dask scheduler address (tcp://host:port) to use an existing cluster; 'synchronous' runs "
+                        "in this process; default: an embedded local cluster")
+    p.add_argument("--workers", type=int, default=None, help="worker processes of the embedded cluster "
+                                                             "(default: from the CPU count)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsi-idf", description="Lossless whole-slide image archiving with Integer Discrete Flows.",
@@ -88,14 +195,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="registered model name (default: the default model)")
     p.add_argument("--count", type=int, default=64, help="number of patches (default 64)")
     p.set_defaults(func=cmd_demo)
+
+    from pathlib import Path
+    p = sub.add_parser("pack", parents=[common], help="pack a slide into a lossless OME-Zarr archive",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Pack every pyramid level of SLIDE (SVS, pyramidal TIFF, OME-TIFF, NDPI, MRXS, "
+                                   "SCN, ... via tifffile or OpenSlide) into a sharded Zarr v3 OME-NGFF archive, "
+                                   "losslessly. Runs on a Dask cluster; encodes on GPU workers where there are any. "
+                                   "The archive appears only when complete; an interrupted pack is kept as "
+                                   "OUT.partial and finished with --resume.")
+    p.add_argument("slide", type=Path, help="the slide file")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the archive to write (e.g. slide.zarr)")
+    p.add_argument("--model", default=None, help="registered model (see `wsi-idf models`; default: fast)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
+    p.add_argument("--backend", default="auto", choices=["auto", "tifffile", "openslide"],
+                   help="slide reader (auto: tifffile for TIFF-based files, else OpenSlide)")
+    p.add_argument("--shard", type=int, default=1280, help="shard side in pixels, a multiple of 80 (default 1280)")
+    p.add_argument("--zarr-format", type=int, choices=[2, 3], default=3,
+                   help="3 (default, sharded, OME-NGFF 0.5) or 2 (one file per patch, OME-NGFF 0.4)")
+    p.add_argument("--drop-label", action="store_true", help="leave out the label image (it may carry patient "
+                                                             "identifiers)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing archive (only once the new one "
+                                                            "is complete)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted pack of the same slide")
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("verify", parents=[common], help="decode everything and check checksums (and the source)",
+                       description="Decode every patch, check each level against the checksum of its raw pixels "
+                                   "taken at pack time and, with --source, compare every pixel with the slide.")
+    p.add_argument("archive", type=Path)
+    p.add_argument("--source", type=Path, default=None, help="the original slide: compare every pixel")
+    p.add_argument("--backend", default="auto", choices=["auto", "tifffile", "openslide"],
+                   help="reader for --source")
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("unpack", parents=[common], help="write the archive as a tiled pyramidal OME-TIFF",
+                       description="Write every level, pixel-identical, to a tiled pyramidal OME-TIFF (deflate); "
+                                   "tifffile, QuPath and Bio-Formats read the pyramid, OpenSlide level 0.")
+    p.add_argument("archive", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="the TIFF to write (e.g. slide.ome.tif)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_unpack)
+
+    p = sub.add_parser("info", parents=[common], help="describe an archive: source, levels, model, sizes")
+    p.add_argument("archive", type=Path)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("region", parents=[common], help="write one region of one level as PNG or TIFF",
+                       description="Decode only the patches one region touches and write it as PNG "
+                                   "(or TIFF for a .tif name).")
+    p.add_argument("archive", type=Path)
+    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--x", type=int, required=True, help="left edge, in pixels of that level")
+    p.add_argument("--y", type=int, required=True, help="top edge, in pixels of that level")
+    p.add_argument("--width", type=int, required=True)
+    p.add_argument("--height", type=int, required=True)
+    p.add_argument("-o", "--output", type=Path, required=True, help="region.png")
+    p.set_defaults(func=cmd_region)
     return parser
+
+
+def configure_logging(level: int) -> None:
+    """wsi-idf's own messages at ``level``; Dask's only with -vv (it logs every worker start at INFO)."""
+    logger = logging.getLogger("wsi_idf")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("wsi-idf: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+    logging.getLogger("distributed").setLevel(level if level <= logging.DEBUG else logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="wsi-idf: %(message)s")
+    configure_logging(level)
     try:
         return args.func(args)
     except WsiIdfError as exc:

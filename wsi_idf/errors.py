@@ -22,3 +22,11 @@ class UnknownModelError(WsiIdfError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class SlideError(WsiIdfError):
+    """A slide file cannot be read: missing, not a slide, truncated, or not 8-bit RGB."""
+
+
+class ArchiveError(WsiIdfError):
+    """An archive is missing, incomplete, damaged, or its pixels do not match their checksums or source."""

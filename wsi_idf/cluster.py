@@ -1,0 +1,98 @@
+"""Dask execution for the batch jobs: an embedded local cluster, an existing scheduler, or in process.
+
+Tasks are plain functions over picklable arguments (slide refs, shard boxes, paths); results are
+small dicts, so the client never holds pixels. GPU tasks carry the Dask resource ``{"GPU": 1}``
+and run only on workers started with ``--resources GPU=1``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("wsi_idf")
+
+IN_PROCESS = "synchronous"
+
+
+@dataclass(frozen=True)
+class Runner:
+    """Where tasks run: a distributed client, or this process (``client is None``)."""
+    client: Any
+    gpu: bool  # annotate tasks with resources={"GPU": 1}
+    torch_threads: int
+
+    def map(self, fn: Callable, items: Iterable, *args, progress: bool = False, desc: str = "",
+            unit: str = "shard") -> Iterator[Any]:
+        """Run ``fn(item, *args)`` for every item, yielding results as they finish, with a progress bar."""
+        from tqdm import tqdm
+        items = list(items)
+        bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress or not items, leave=False)
+        try:
+            if self.client is None:
+                for item in items:
+                    yield fn(item, *args)
+                    bar.update()
+                return
+            from distributed import as_completed
+            resources = {"GPU": 1} if self.gpu else None
+            futures = [self.client.submit(fn, item, *args, pure=False, resources=resources) for item in items]
+            try:
+                for future in as_completed(futures):
+                    yield future.result()
+                    bar.update()
+            finally:
+                for future in futures:
+                    if not future.done():
+                        future.cancel()
+        finally:
+            bar.close()
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def runner(scheduler: str | None = None, workers: int | None = None, device: str = "auto") -> Iterator[Runner]:
+    """A task runner for ``scheduler``: None starts an embedded local cluster, ``tcp://host:port``
+    joins an existing one, ``synchronous`` runs every task in this process."""
+    import torch
+    gpu_here = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if scheduler == IN_PROCESS:
+        yield Runner(None, False, torch.get_num_threads())
+        return
+    from distributed import Client, LocalCluster
+    if scheduler:
+        with Client(scheduler, timeout="30s") as client:
+            yield Runner(client, device.startswith("cuda"), 0)  # remote workers keep their own thread settings
+        return
+    cores = cpu_count()
+    if gpu_here:
+        n_workers, threads = workers or 1, max(1, cores // 2)  # one GPU worker; several GPUs: use dask-cuda workers
+    else:
+        n_workers = workers or max(1, min(4, cores // 2) if cores >= 4 else cores)
+        threads = max(1, cores // n_workers)
+    log.info("starting a local Dask cluster: %d worker process(es), %d torch thread(s) each%s",
+             n_workers, threads, ", GPU" if gpu_here else "")
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                           resources={"GPU": 1} if gpu_here else None, silence_logs=logging.ERROR)
+    try:
+        with Client(cluster) as client:
+            yield Runner(client, gpu_here, threads)
+    finally:
+        cluster.close()
+
+
+def set_torch_threads(threads: int) -> None:
+    """Called at the start of each task: worker processes start with torch's default thread count."""
+    if threads > 0:
+        import torch
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)

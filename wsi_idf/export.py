@@ -1,0 +1,107 @@
+"""Out of the archive: a tiled pyramidal OME-TIFF (unpack), one region as an image, and a summary (info)."""
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .archive import Archive, open_archive
+from .errors import ArchiveError
+
+TIFF_TILE = 256
+STRIP = 1280  # rows decoded at once: a multiple of both the TIFF tile and the 80-pixel patch
+
+
+def _tiles(archive: Archive, level: int, progress) -> Iterator[np.ndarray]:
+    """Level tiles in row-major order, padded to full tiles; one 1280-row strip decoded at a time."""
+    arr = archive.zarr_level(level)  # zarr directly: measured 2x faster than through a Dask array here
+    _, height, width = arr.shape
+    for y in range(0, height, STRIP):
+        strip = np.ascontiguousarray(arr[:, y:y + STRIP, :].transpose(1, 2, 0))
+        progress.update(strip.shape[0] * width)
+        for ty in range(0, strip.shape[0], TIFF_TILE):
+            for x in range(0, width, TIFF_TILE):
+                tile = strip[ty:ty + TIFF_TILE, x:x + TIFF_TILE]
+                if tile.shape[:2] != (TIFF_TILE, TIFF_TILE):
+                    tile = np.pad(tile, ((0, TIFF_TILE - tile.shape[0]), (0, TIFF_TILE - tile.shape[1]), (0, 0)))
+                yield tile
+
+
+def unpack_archive(path: str | Path, out: str | Path, overwrite: bool = False, progress: bool = False) -> dict:
+    """Write the archive's levels as a tiled pyramidal OME-TIFF (deflate), pixel-identical.
+
+    Level 0 is the main image and smaller levels are its SubIFDs, as OME-TIFF pyramids are:
+    tifffile, Bio-Formats and QuPath read the whole pyramid; OpenSlide reads level 0.
+    Written to a temporary name and renamed, so a failed unpack leaves nothing behind.
+    """
+    import tifffile
+    from tqdm import tqdm
+    archive = open_archive(path)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ArchiveError(f"{out} already exists; pass --overwrite to replace it")
+    meta = archive.metadata
+    mpp = archive.mpp
+    ome = {"axes": "YXS", "Name": meta["source"]["name"]}
+    if mpp:
+        ome.update(PhysicalSizeX=mpp[0], PhysicalSizeXUnit="µm", PhysicalSizeY=mpp[1], PhysicalSizeYUnit="µm")
+    icc = meta["slide"].get("icc_profile")
+    extratags = [(34675, 7, None, base64.b64decode(icc), True)] if icc else []
+    total = sum(lv["width"] * lv["height"] for lv in meta["levels"])
+    tmp = out.with_name(f".{out.name}.partial")
+    options = dict(tile=(TIFF_TILE, TIFF_TILE), compression="zlib", predictor=True, photometric="rgb",
+                   dtype=np.uint8)
+    try:
+        with tqdm(total=total, unit="px", unit_scale=True, desc="unpacking", disable=not progress, leave=False) as bar, \
+                tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
+            for level, lv in enumerate(meta["levels"]):
+                shape = (lv["height"], lv["width"], 3)
+                if level == 0:
+                    tif.write(_tiles(archive, 0, bar), shape=shape, subifds=len(meta["levels"]) - 1,
+                              metadata=ome, extratags=extratags, resolutionunit=None, **options)
+                else:
+                    tif.write(_tiles(archive, level, bar), shape=shape, subfiletype=1, metadata=None, **options)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"archive": str(archive.path), "tiff": str(out), "levels": len(meta["levels"]),
+            "bytes": out.stat().st_size}
+
+
+def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, width: int, height: int) -> dict:
+    """One region of one level as PNG (or TIFF for a .tif/.tiff name); decodes only the patches it touches."""
+    archive = open_archive(path)
+    if not 0 <= level < len(archive.levels):
+        raise ArchiveError(f"level {level} does not exist; the archive has levels 0..{len(archive.levels) - 1}")
+    pixels = archive.region(level, x, y, width, height)
+    out = Path(out)
+    if out.suffix.lower() in {".tif", ".tiff"}:
+        import tifffile
+        tifffile.imwrite(out, pixels, photometric="rgb", compression="zlib")
+    else:
+        from PIL import Image
+        Image.fromarray(pixels).save(out)
+    return {"archive": str(archive.path), "out": str(out), "level": level, "x": x, "y": y, "width": width,
+            "height": height}
+
+
+def archive_info(path: str | Path) -> dict:
+    """What an archive holds: source and provenance, levels, model, sizes, physical pixel size."""
+    from .pack import tree_size
+    archive = open_archive(path)
+    meta = archive.metadata
+    raw = sum(lv["width"] * lv["height"] * 3 for lv in meta["levels"])
+    coded = sum(lv["encoded_bytes"] for lv in meta["levels"])
+    size = tree_size(archive.path)
+    slide = meta["slide"]
+    return {"archive": str(archive.path), "zarr_format": archive.zarr_format, "wsi_idf_version": meta["wsi_idf_version"],
+            "source": meta["source"], "model": meta["model"],
+            "levels": [{k: lv[k] for k in ("path", "width", "height", "downsample", "encoded_bytes")} for lv in
+                       meta["levels"]],
+            "skipped_levels": meta["skipped_levels"], "mpp": slide["mpp"], "objective_power": slide["objective_power"],
+            "vendor": slide["vendor"], "icc_profile": bool(slide.get("icc_profile")),
+            "associated": meta["associated"], "label_dropped": meta["label_dropped"],
+            "properties": len(slide["properties"]), "raw_bytes": raw, "archive_bytes": size,
+            "ratio_to_raw": round(raw / size, 3), "bits_per_subpixel": round(8 * coded / raw, 4)}

@@ -1,0 +1,294 @@
+"""Pack a slide into an archive: one Dask task per shard, each reading, encoding and writing it whole.
+
+The archive is built under ``OUT.partial`` and renamed to ``OUT`` only when complete. Each task
+writes its shard object and then a small record (checksum, sizes) by rename, so an interrupted
+pack resumes where it stopped (``resume=True``) and ends byte-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .archive import (FORMAT_VERSION, PREVIEW_MAX, PREVIEW_MIN, chunk_path, image_attributes, level_array_kwargs,
+                      ome_multiscale, standard_array_kwargs, write_atomic, write_group)
+from .cluster import Runner, runner, set_torch_threads
+from .config import PATCH
+from .errors import ArchiveError, SlideError
+from .registry import default_device, entry, get_model
+from .shards import DEFAULT_SHARD, ShardBox, build_shard, cut_patches, level_checksum, region_digest, shard_boxes
+from .slide import Slide, SlideRef, cached_slide, level_as_dask, open_slide
+
+log = logging.getLogger("wsi_idf")
+
+PLAN_FILE = ".wsi-idf-pack.json"
+RECORDS_DIR = ".wsi-idf-pack"
+LOSSY_COMPRESSIONS = {"JPEG", "OJPEG", "APERIO_JP2000_RGB", "APERIO_JP2000_YCBC", "JPEG2000", "WEBP", "JPEGXR"}
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a worker needs besides the shard box; small and picklable."""
+    slide: SlideRef
+    root: str
+    model: str
+    weights: str
+    device: str
+    shard: int
+    zarr_format: int
+    torch_threads: int
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def record_path(root: Path, box: ShardBox) -> Path:
+    return root / RECORDS_DIR / str(box.level) / f"{box.row}.{box.col}.json"
+
+
+def encode_shard(box: ShardBox, job: ShardJob) -> dict:
+    """Task: read one shard's region from the source, encode its patches in one batch, write it whole."""
+    import torch
+    from .coding import encode_patches
+    set_torch_threads(job.torch_threads)
+    root = Path(job.root)
+    region = cached_slide(job.slide).read(box.level, box.y0, box.y1, box.x0, box.x1)
+    patches, present = cut_patches(region, job.shard)
+    device = job.device if job.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = get_model(job.model, device, weights=job.weights)
+    blobs = encode_patches(patches, model=model, batch_size=64 if device == "cpu" else 256, device=device)
+    if job.zarr_format == 3:
+        write_atomic(chunk_path(root, box.level, box.row, box.col, 3), build_shard(blobs, present))
+    else:
+        per_side = job.shard // PATCH
+        for blob, (r, c) in zip(blobs, np.argwhere(present)):
+            write_atomic(chunk_path(root, box.level, box.row * per_side + r, box.col * per_side + c, 2), blob)
+    record = {"shard": box.name, "digest": region_digest(region).hex(), "encoded_bytes": sum(map(len, blobs)),
+              "patches": len(blobs)}
+    write_atomic(record_path(root, box), json.dumps(record).encode())
+    return record
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_plan(slide: Slide, source: Path, model: str, weights: str, shard: int, zarr_format: int,
+              drop_label: bool) -> dict:
+    stat = source.stat()
+    return {"source": {"name": source.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+            "backend": slide.backend, "model": model, "weights": weights, "shard": shard, "zarr_format": zarr_format,
+            "drop_label": drop_label, "levels": [asdict(lv) for lv in slide.levels], "wsi_idf_version": __version__}
+
+
+def prepare_output(out: Path, plan: dict, overwrite: bool, resume: bool) -> tuple[Path, bool]:
+    """The partial folder to build in, and whether it resumes earlier work. Refuses to clobber anything."""
+    partial = partial_path(out)
+    if out.exists() and not overwrite:
+        raise ArchiveError(f"{out} already exists; pass --overwrite to replace it")
+    if partial.exists():
+        if resume:
+            plan_file = partial / PLAN_FILE
+            earlier = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+            if earlier != plan:
+                raise ArchiveError(f"the unfinished pack at {partial} was started with another source or other "
+                                   "settings; pass --overwrite to start again")
+            return partial, True
+        if not overwrite:
+            raise ArchiveError(f"an unfinished pack exists at {partial}; pass --resume to finish it or "
+                               "--overwrite to start again")
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    write_atomic(partial / PLAN_FILE, json.dumps(plan).encode())
+    return partial, False
+
+
+def create_levels(root: Path, slide: Slide, model: str, weights: str, shard: int, zarr_format: int) -> None:
+    import zarr
+    for i, lv in enumerate(slide.levels):
+        zarr.create_array(store=str(root / str(i)),
+                          **level_array_kwargs(lv.height, lv.width, shard, model, weights, zarr_format))
+
+
+def write_associated(root: Path, slide: Slide, drop_label: bool, zarr_format: int) -> list[str]:
+    """Label, macro and thumbnail images, losslessly in zstd; the label is left out on request."""
+    import zarr
+    names = [n for n in slide.associated_names() if not (drop_label and n == "label")]
+    if not names:
+        return []
+    write_group(root / "associated", {"wsi_idf": {"associated": names}}, zarr_format)
+    for name in names:
+        image = slide.associated(name)
+        arr = zarr.create_array(store=str(root / "associated" / name),
+                                **standard_array_kwargs(image.shape, zarr_format, ("y", "x", "c")))
+        arr[...] = image
+    return names
+
+
+def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp) -> int:
+    """A small pyramid (longest side at most 1024, halving down to 256) in zstd, from the smallest level.
+
+    Viewers without the wsi_idf codec (napari, QuPath, vizarr) open ``archive.zarr/preview``.
+    """
+    import dask.array as da
+    import zarr
+    smallest = len(slide.levels) - 1
+    lv = slide.levels[smallest]
+    factor = 1
+    while max(lv.width, lv.height) / factor > PREVIEW_MAX and min(lv.width, lv.height) // (2 * factor) >= 1:
+        factor *= 2
+    source = level_as_dask(slide.ref, smallest)
+    if factor > 1:
+        source = source[: lv.height // factor * factor, : lv.width // factor * factor]
+        image = da.coarsen(np.sum, source.astype(np.uint32), {0: factor, 1: factor}).compute(scheduler="threads")
+        image = ((image + factor * factor // 2) // (factor * factor)).astype(np.uint8)
+    else:
+        image = source.compute(scheduler="threads")
+    datasets = []
+    downsample = lv.downsample * factor
+    level = 0
+    while True:
+        planar = np.ascontiguousarray(image.transpose(2, 0, 1))
+        arr = zarr.create_array(store=str(root / "preview" / str(level)),
+                                **standard_array_kwargs(planar.shape, zarr_format, ("c", "y", "x")))
+        arr[...] = planar
+        datasets.append((str(level), downsample))
+        if max(image.shape[:2]) <= PREVIEW_MIN or min(image.shape[:2]) < 2:
+            break
+        h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+        blocks = image[:h, :w].astype(np.uint32).reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3))
+        image = ((blocks + 2) // 4).astype(np.uint8)
+        downsample *= 2
+        level += 1
+    write_group(root / "preview", image_attributes(ome_multiscale(f"{name} preview", datasets, mpp), zarr_format),
+                zarr_format)
+    return len(datasets)
+
+
+def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None, device: str = "auto",
+               backend: str = "auto", shard: int = DEFAULT_SHARD, zarr_format: int = 3, drop_label: bool = False,
+               overwrite: bool = False, resume: bool = False, scheduler: str | None = None,
+               workers: int | None = None, progress: bool = False) -> dict:
+    """Pack ``source`` into the archive ``out``; return a summary (sizes, ratios, bits per sub-pixel, time).
+
+    Bad input raises before anything is written. A failed or interrupted pack leaves only
+    ``OUT.partial``, which ``resume=True`` finishes; ``OUT`` appears only when complete.
+    """
+    t0 = time.perf_counter()
+    source, out = Path(source), Path(out)
+    if shard % PATCH or shard <= 0:
+        raise ArchiveError(f"shard size must be a positive multiple of {PATCH}, got {shard}")
+    if zarr_format not in (2, 3):
+        raise ArchiveError(f"zarr format must be 2 or 3, got {zarr_format}")
+    model_entry = entry(model)
+    if device != "auto":
+        default_device(device)  # refuses nonsense device names early
+    weights = get_model(model_entry.name, "cpu").sha256
+    slide = open_slide(source, backend)
+    plan = make_plan(slide, source, model_entry.name, weights, shard, zarr_format, drop_label)
+    root, resumed = prepare_output(out, plan, overwrite, resume)
+    try:
+        with ThreadPoolExecutor(1) as hasher:
+            source_hash = hasher.submit(file_sha256, source)
+            if not resumed or not (root / "0").exists():
+                create_levels(root, slide, model_entry.name, weights, shard, zarr_format)
+            with runner(scheduler, workers, device) as run:
+                records = run_shards(run, slide, root, model_entry.name, weights, device, shard, zarr_format,
+                                     progress)
+            associated = write_associated(root, slide, drop_label, zarr_format)
+            preview_levels = write_preview(root, slide, zarr_format, source.stem, slide.info.mpp)
+            sha256 = source_hash.result()
+    except SlideError:
+        shutil.rmtree(root, ignore_errors=True)  # the source is unreadable: resuming cannot help
+        raise
+    level_meta = []
+    for i, lv in enumerate(slide.levels):
+        recs = [records[box.name] for box in shard_boxes(i, lv.height, lv.width, shard)]
+        level_meta.append({"path": str(i), "width": lv.width, "height": lv.height, "downsample": lv.downsample,
+                           "shard": shard, "patches": sum(r["patches"] for r in recs),
+                           "encoded_bytes": sum(r["encoded_bytes"] for r in recs),
+                           "checksum": {"algorithm": f"sha256-of-{shard}px-tile-sha256s",
+                                        "value": level_checksum([bytes.fromhex(r["digest"]) for r in recs])}})
+    info = slide.info.to_json()
+    if drop_label:
+        info["properties"] = {k: v for k, v in info["properties"].items()
+                              if not k.startswith("openslide.associated.label.")}
+    meta = {"format_version": FORMAT_VERSION, "wsi_idf_version": __version__,
+            "model": {"name": model_entry.name, "weights": weights},
+            "source": {"name": source.name, "size": source.stat().st_size, "sha256": sha256,
+                       "backend": slide.backend, "decoder": info.pop("decoder")},
+            "slide": info, "levels": level_meta, "skipped_levels": slide.skipped_levels,
+            "associated": associated, "label_dropped": drop_label and "label" in slide.associated_names(),
+            "preview": {"path": "preview", "levels": preview_levels}}
+    multiscale = ome_multiscale(source.stem, [(str(i), lv.downsample) for i, lv in enumerate(slide.levels)],
+                                slide.info.mpp)
+    write_group(root, image_attributes(multiscale, zarr_format, {"wsi_idf": meta}), zarr_format)
+    shutil.rmtree(root / RECORDS_DIR, ignore_errors=True)
+    (root / PLAN_FILE).unlink(missing_ok=True)
+    finish(root, out)
+    return summarize(out, meta, slide, time.perf_counter() - t0, resumed)
+
+
+def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, device: str, shard: int,
+               zarr_format: int, progress: bool) -> dict[str, dict]:
+    """Encode every shard not yet recorded; return the records of all shards by name."""
+    job = ShardJob(slide.ref, str(root.resolve()), model, weights, device, shard, zarr_format, run.torch_threads)
+    records: dict[str, dict] = {}
+    todo: list[ShardBox] = []
+    for i, lv in enumerate(slide.levels):
+        for box in shard_boxes(i, lv.height, lv.width, shard):
+            path = record_path(root, box)
+            if path.is_file():
+                records[box.name] = json.loads(path.read_text())
+            else:
+                todo.append(box)
+    if records:
+        log.info("resuming: %d of %d shards already done", len(records), len(records) + len(todo))
+    for record in run.map(encode_shard, todo, job, progress=progress, desc="packing"):
+        records[record["shard"]] = record
+    return records
+
+
+def finish(root: Path, out: Path) -> None:
+    """Rename the finished archive into place; an archive it replaces is removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.with_name(out.name + ".replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    root.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def summarize(out: Path, meta: dict, slide: Slide, seconds: float, resumed: bool) -> dict:
+    raw = sum(lv["width"] * lv["height"] * 3 for lv in meta["levels"])
+    coded = sum(lv["encoded_bytes"] for lv in meta["levels"])
+    archive = tree_size(out)
+    source_size = meta["source"]["size"]
+    compression = meta["source"]["decoder"].get("compression", "")
+    return {"archive": str(out), "source": meta["source"]["name"], "model": meta["model"]["name"],
+            "levels": len(meta["levels"]), "skipped_levels": len(meta["skipped_levels"]),
+            "raw_bytes": raw, "archive_bytes": archive, "source_bytes": source_size,
+            "ratio_to_raw": round(raw / archive, 3), "ratio_to_source": round(source_size / archive, 3),
+            "bits_per_subpixel": round(8 * coded / raw, 4), "seconds": round(seconds, 2),
+            "source_lossy": compression in LOSSY_COMPRESSIONS or slide.backend == "openslide" and
+            slide.info.vendor in {"aperio", "hamamatsu", "mirax", "leica", "philips", "ventana"},
+            "resumed": resumed}
