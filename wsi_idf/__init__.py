@@ -1,10 +1,18 @@
 """wsi-idf: lossless whole-slide image archiving with Integer Discrete Flows."""
+from .archive import Archive, open_archive
 from .coding import decode_patches, encode_patches, ideal_bits
-from .errors import (CorruptPatchError, InvalidPatchError, UnknownModelError, WeightsMismatchError, WsiIdfError)
+from .errors import (ArchiveError, CorruptPatchError, InvalidPatchError, SlideError, UnknownModelError,
+                     WeightsMismatchError, WsiIdfError)
 from .registry import DEFAULT_MODEL, MODELS, get_model
 
 __version__ = "0.1.0"
 
-__all__ = ["encode_patches", "decode_patches", "ideal_bits", "get_model", "MODELS", "DEFAULT_MODEL",
-           "WsiIdfError", "CorruptPatchError", "InvalidPatchError", "UnknownModelError", "WeightsMismatchError",
+__all__ = ["open_archive", "Archive", "pack_slide", "encode_patches", "decode_patches", "ideal_bits", "get_model", "MODELS", "DEFAULT_MODEL",
+           "WsiIdfError", "ArchiveError", "SlideError", "CorruptPatchError", "InvalidPatchError", "UnknownModelError", "WeightsMismatchError",
            "__version__"]
+
+
+def pack_slide(*args, **kwargs):  # imported lazily: it brings in Dask
+    """Pack a slide into an archive; see :func:`wsi_idf.pack.pack_slide`."""
+    from .pack import pack_slide as _pack_slide
+    return _pack_slide(*args, **kwargs)

@@ -267,6 +267,10 @@ def configure_logging(level: int) -> None:
         logger.propagate = False
     logger.setLevel(level)
     logging.getLogger("distributed").setLevel(level if level <= logging.DEBUG else logging.CRITICAL)
+    if level > logging.DEBUG:  # tifffile logs the damage it finds; wsi_idf.slide turns that into one error
+        tiff_logger = logging.getLogger("tifffile")
+        tiff_logger.addHandler(logging.NullHandler())
+        tiff_logger.propagate = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

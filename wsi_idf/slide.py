@@ -8,8 +8,11 @@ which opens each slide once per process.
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,10 +111,19 @@ class TiffSlide(Slide):
         import tifffile
         super().__init__(path)
         try:
-            self._tif = tifffile.TiffFile(path)
-            series = self._tif.series[0]
+            with tifffile_errors() as errors:
+                self._tif = tifffile.TiffFile(path)
+                for _ in self._tif.pages:  # walk the whole IFD chain: a cut-off file breaks it
+                    pass
+                series = self._tif.series[0]
+            if errors:
+                self._tif.close()
+                raise SlideError(f"{path.name}: damaged or truncated TIFF ({errors[0]})")
+        except SlideError:
+            raise
         except Exception as exc:
-            raise SlideError(f"{path.name}: not a readable TIFF slide ({type(exc).__name__}: {exc})") from exc
+            raise SlideError(f"{path.name}: cannot be read as a TIFF slide; the file may be truncated or damaged "
+                             f"({type(exc).__name__}: {exc})") from exc
         self._series = series
         check_rgb8(path.name, series.dtype, series.shape, series.axes)
         base = series.levels[0].shape
@@ -235,6 +247,24 @@ class OpenSlideSlide(Slide):
         self._slide.close()
 
 
+@contextmanager
+def tifffile_errors() -> Iterator[list[str]]:
+    """Collect the errors tifffile logs (and otherwise skips over) while a file is parsed."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("tifffile")
+    handler = Collect(logging.ERROR)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
 def composite(rgba: np.ndarray, background_rgb: tuple[int, int, int]) -> np.ndarray:
     """OpenSlide's RGBA (not premultiplied) over the slide's background colour, exactly in integers.
 
@@ -253,7 +283,7 @@ def composite(rgba: np.ndarray, background_rgb: tuple[int, int, int]) -> np.ndar
 def check_rgb8(name: str, dtype: np.dtype, shape: tuple[int, ...], axes: str) -> None:
     samples = shape[-1] if axes.endswith("S") else 1
     if len(shape) != 3 or samples not in (3,) or np.dtype(dtype) != np.uint8:
-        kind = {1: "grayscale", 2: "grayscale with alpha", 4: "RGBA"}.get(samples, f"{samples}-sample")
+        kind = {1: "grayscale", 2: "grayscale with alpha", 3: "RGB", 4: "RGBA"}.get(samples, f"{samples}-sample")
         bits = np.dtype(dtype).itemsize * 8
         raise SlideError(f"{name}: wsi-idf archives 8-bit RGB slides; this one is {bits}-bit {kind} "
                          f"(shape {tuple(shape)}, axes {axes})")
@@ -321,6 +351,8 @@ def open_slide(path: str | Path, backend: str = "auto") -> Slide:
             raise SlideError(f"{path.name}: not a TIFF file; try --backend openslide")
         slide: Slide = TiffSlide(path)
     else:
+        if is_tiff:  # OpenSlide turns grayscale, 16-bit and RGBA TIFFs into RGBA: refuse them here too
+            TiffSlide(path).close()
         import openslide
         if openslide.OpenSlide.detect_format(str(path)) is None:
             raise SlideError(f"{path.name}: not a slide format wsi-idf can read (tifffile and OpenSlide both refuse it)")

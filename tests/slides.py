@@ -1,0 +1,68 @@
+"""Test slides built from the real H&E tiles in ../shared/data (tifffile writes them).
+
+``mosaic`` lays real 1000x1000 MoNuSeg tiles side by side (each flipped or rotated by the seed),
+so the pixels are real tissue at any size. Pyramids are 2x box downsamples of level 0.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from conftest import DATA
+from wsi_idf.data import read_rgb
+
+TILE_FOLDER = DATA / "tiles" / "train" / "monuseg"
+SLIDES = DATA / "slides"
+CMU_SVS = SLIDES / "cmu-1-small-region.svs"
+TCGA_SVS = SLIDES / "tcga-cr-7395-01a-01-ts1.svs"
+DICOM = SLIDES / "small_dicom.dcm"
+
+
+def mosaic(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """An (height, width, 3) uint8 image of real tissue tiles."""
+    paths = sorted(TILE_FOLDER.glob("*.tif"))
+    rng = np.random.default_rng(seed)
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    for y in range(0, height, 1000):
+        for x in range(0, width, 1000):
+            tile = read_rgb(paths[int(rng.integers(len(paths)))])
+            tile = np.rot90(tile, int(rng.integers(4)))
+            h, w = min(1000, height - y), min(1000, width - x)
+            out[y:y + h, x:x + w] = tile[:h, :w]
+    return out
+
+
+def halve(image: np.ndarray) -> np.ndarray:
+    h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+    blocks = image[:h, :w].astype(np.uint32).reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3))
+    return ((blocks + 2) // 4).astype(np.uint8)
+
+
+def pyramid(base: np.ndarray, levels: int) -> list[np.ndarray]:
+    out = [base]
+    for _ in range(levels - 1):
+        out.append(halve(out[-1]))
+    return out
+
+
+def write_pyramidal_tiff(path: Path, levels: list[np.ndarray], mpp: float = 0.25, tile: int = 256) -> Path:
+    """Tiled levels as successive top-level IFDs (reduced ones subfiletype 1): both tifffile and OpenSlide
+    ("generic-tiff") see every level."""
+    res = (1e4 / mpp, 1e4 / mpp)
+    with tifffile.TiffWriter(path, bigtiff=False) as tif:
+        for i, image in enumerate(levels):
+            tif.write(image, tile=(tile, tile), photometric="rgb", compression="zlib",
+                      subfiletype=1 if i else 0, resolution=res, resolutionunit="CENTIMETER")
+    return path
+
+
+def write_ome_tiff(path: Path, levels: list[np.ndarray], mpp: float = 0.5, tile: int = 256) -> Path:
+    """An OME-TIFF pyramid: reduced levels in SubIFDs (tifffile sees them, OpenSlide only level 0)."""
+    with tifffile.TiffWriter(path, ome=True, bigtiff=True) as tif:
+        tif.write(levels[0], tile=(tile, tile), photometric="rgb", compression="zlib", subifds=len(levels) - 1,
+                  metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp})
+        for image in levels[1:]:
+            tif.write(image, tile=(tile, tile), photometric="rgb", compression="zlib", subfiletype=1)
+    return path
