@@ -4,7 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench clean-venv
+DATA ?= $(if $(WSI_IDF_DATA),$(WSI_IDF_DATA),../shared/data)
+SLIDE ?= $(DATA)/slides/cmu-1-small-region.svs
+WSI := $(VENV)/bin/wsi-idf
+
+.PHONY: demo test test-slow bench bench-pack clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +18,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-demo: $(STAMP)  ## encode and decode real H&E patches, print sizes
-	$(VENV)/bin/wsi-idf demo
+demo: $(STAMP)  ## pack a real slide, verify every pixel against it, read a region back
+	$(WSI) demo
+	$(WSI) pack $(SLIDE) -o demo/slide.zarr --overwrite
+	$(WSI) verify demo/slide.zarr --source $(SLIDE)
+	$(WSI) info demo/slide.zarr
+	$(WSI) region demo/slide.zarr --level 0 --x 1000 --y 1200 --width 512 --height 512 -o demo/region.png
 
 test: $(STAMP)  ## the default test suite (CI runs this)
 	$(PY) -m pytest -q -m "not slow" wsi_idf tests
@@ -25,6 +33,9 @@ test-slow: $(STAMP)  ## long tests
 
 bench: $(STAMP)  ## codec benchmark table against JPEG XL, JPEG 2000, WebP, JPEG-LS, PNG
 	$(PY) benchmarks/bench_codec.py --out results
+
+bench-pack: $(STAMP)  ## whole slides through the Dask pipeline: time, size, peak memory
+	$(PY) benchmarks/bench_pack.py --out results
 
 clean-venv:
 	rm -rf $(VENV)
