@@ -320,3 +320,20 @@ def test_open_archive_refuses_what_is_not_an_archive(work, pyramid_slide):
     (work / "plain.zarr").mkdir()
     with pytest.raises(ArchiveError, match="not a wsi-idf archive"):
         open_archive(work / "plain.zarr")
+
+
+def test_ome_tiff_source_and_unwritable_output(work, capsys):
+    from slides import write_ome_tiff
+    levels = pyramid(mosaic(420, 650, seed=9), 2)
+    source = write_ome_tiff(work / "small.ome.tif", levels, mpp=0.25)
+    out = work / "small-ome.zarr"
+    assert main(["pack", str(source), "-o", str(out), "--scheduler", "synchronous", "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["levels"] == 2
+    archive = open_archive(out)
+    assert archive.mpp == (0.25, 0.25)
+    for level, image in enumerate(levels):
+        assert np.array_equal(archive.levels[level].compute().transpose(1, 2, 0), image)
+    blocked = work / "a-file"
+    blocked.write_text("")
+    assert main(["pack", str(source), "-o", str(blocked / "x.zarr"), "--scheduler", "synchronous"]) == 1
+    assert "cannot write the archive" in capsys.readouterr().err

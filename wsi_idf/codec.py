@@ -60,6 +60,14 @@ class WsiIdf(Codec):
         patch = decode_patches([data], model=self.coding_model)[0]
         return ndarray_copy(patch, out) if out is not None else patch
 
+    def encode_many(self, patches: np.ndarray) -> list[bytes]:
+        """Encode (N, 3, 80, 80) uint8 patches in one batch."""
+        return encode_patches(patches, model=self.coding_model)
+
+    def decode_many(self, blobs: list[bytes]) -> np.ndarray:
+        """Decode many chunks in one batch: (N, 3, 80, 80) uint8."""
+        return decode_patches(blobs, model=self.coding_model)
+
     def __reduce__(self):  # pickle the configuration, not the loaded model (Dask ships codecs to workers)
         return type(self), (self.model, self.weights)
 

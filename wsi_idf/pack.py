@@ -22,7 +22,7 @@ from .archive import (FORMAT_VERSION, PREVIEW_MAX, PREVIEW_MIN, chunk_path, imag
                       ome_multiscale, standard_array_kwargs, write_atomic, write_group)
 from .cluster import Runner, runner, set_torch_threads
 from .config import PATCH
-from .errors import ArchiveError, SlideError
+from .errors import ArchiveError, SlideError, WsiIdfError
 from .registry import default_device, entry, get_model
 from .shards import DEFAULT_SHARD, ShardBox, build_shard, cut_patches, level_checksum, region_digest, shard_boxes
 from .slide import Slide, SlideRef, cached_slide, level_as_dask, open_slide
@@ -111,8 +111,12 @@ def prepare_output(out: Path, plan: dict, overwrite: bool, resume: bool) -> tupl
             raise ArchiveError(f"an unfinished pack exists at {partial}; pass --resume to finish it or "
                                "--overwrite to start again")
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    write_atomic(partial / PLAN_FILE, json.dumps(plan).encode())
+    try:
+        partial.mkdir(parents=True)
+        write_atomic(partial / PLAN_FILE, json.dumps(plan).encode())
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ArchiveError(f"cannot write the archive at {out}: {exc.strerror or exc}") from exc
     return partial, False
 
 
@@ -214,6 +218,11 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
     except SlideError:
         shutil.rmtree(root, ignore_errors=True)  # the source is unreadable: resuming cannot help
         raise
+    except (KeyboardInterrupt, WsiIdfError):
+        raise
+    except Exception as exc:  # a lost cluster, a full disk, a killed worker: the work done so far is kept
+        raise ArchiveError(f"pack stopped ({type(exc).__name__}: {exc}); the unfinished archive is kept at "
+                           f"{root}: run the same command with --resume to finish it") from exc
     level_meta = []
     for i, lv in enumerate(slide.levels):
         recs = [records[box.name] for box in shard_boxes(i, lv.height, lv.width, shard)]

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
+import zarr
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.buffer import Buffer, NDBuffer
 from zarr.core.common import JSON, parse_named_configuration
@@ -28,6 +30,13 @@ if TYPE_CHECKING:
     from zarr.core.dtype.wrapper import TBaseDType, TBaseScalar, ZDType
 
 CHUNK_SHAPE = (CHANNELS, PATCH, PATCH)
+DECODE_BATCH = 64
+
+# zarr hands a codec one chunk at a time unless codec_pipeline.batch_size says otherwise (default 1);
+# decoding 64 patches in one network pass made region reads 3x faster (measured: a 512x512 region
+# 1.23 s -> 0.40 s on 2 cores). Raised only while it is still zarr's default, so a user's choice stands.
+if zarr.config.get("codec_pipeline.batch_size") == 1:
+    zarr.config.set({"codec_pipeline.batch_size": DECODE_BATCH})
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,35 @@ class WsiIdfCodec(ArrayBytesCodec):
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
+
+    async def encode(self, chunks_and_specs: Iterable[tuple[NDBuffer | None, ArraySpec]]) -> Iterable[Buffer | None]:
+        """Encode a batch of chunks in one network pass."""
+        items = list(chunks_and_specs)
+        present = [i for i, (chunk, _) in enumerate(items) if chunk is not None]
+        out: list[Buffer | None] = [None] * len(items)
+        if present:
+            patches = [np.ascontiguousarray(items[i][0].as_numpy_array()) for i in present]  # type: ignore[union-attr]
+            for patch in patches:
+                if patch.shape != CHUNK_SHAPE:
+                    raise InvalidPatchError(f"wsi_idf needs chunks (inner chunks when sharded) of shape "
+                                            f"{CHUNK_SHAPE}, got {patch.shape}")
+            blobs = await asyncio.to_thread(self._codec.encode_many, np.stack(patches))
+            for i, blob in zip(present, blobs):
+                out[i] = items[i][1].prototype.buffer.from_bytes(blob)
+        return out
+
+    async def decode(self, chunks_and_specs: Iterable[tuple[Buffer | None, ArraySpec]]) -> Iterable[NDBuffer | None]:
+        """Decode a batch of chunks in one network pass (zarr hands over ``codec_pipeline.batch_size`` at a time)."""
+        items = list(chunks_and_specs)
+        present = [i for i, (data, _) in enumerate(items) if data is not None]
+        out: list[NDBuffer | None] = [None] * len(items)
+        if present:
+            blobs = [items[i][0].to_bytes() for i in present]  # type: ignore[union-attr]
+            patches = await asyncio.to_thread(self._codec.decode_many, blobs)
+            for i, patch in zip(present, patches):
+                spec = items[i][1]
+                out[i] = spec.prototype.nd_buffer.from_numpy_array(patch.reshape(spec.shape))
+        return out
 
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
         return await asyncio.to_thread(self._encode_sync, chunk_array, chunk_spec)
