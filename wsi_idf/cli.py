@@ -96,7 +96,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         s = pack_slide(args.slide, args.output, model=args.model, device=args.device, backend=args.backend,
                        shard=args.shard, zarr_format=args.zarr_format, drop_label=args.drop_label,
                        overwrite=args.overwrite, resume=args.resume, scheduler=args.scheduler, workers=args.workers,
-                       progress=not args.quiet)
+                       resources=args.resources, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"wsi-idf: interrupted; the unfinished archive is kept at {partial_path(args.output)}: "
               "run the same command with --resume to finish it", file=sys.stderr)
@@ -115,16 +115,15 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .errors import ArchiveError
+    from .errors import VerificationError
     from .verify import verify_archive
     try:
         s = verify_archive(args.archive, source=args.source, backend=args.backend, scheduler=args.scheduler,
                            workers=args.workers, progress=not args.quiet)
-    except ArchiveError as exc:
-        if "verification failed" not in str(exc):
-            raise
+    except VerificationError as exc:
         if args.json:
-            print(json.dumps({"archive": str(args.archive), "ok": False, "error": str(exc)}))
+            print(json.dumps({"archive": str(args.archive), "ok": False, "error": str(exc),
+                              "damaged_patches": exc.damaged, "problems": exc.problems}))
         print(f"wsi-idf: error: {exc}", file=sys.stderr)
         return EXIT_VERIFY_FAILED
     _emit(args, s, f"{s['archive']}: {s['levels']} level(s), {s['pixels']:,} pixels decoded, checksums ok"
@@ -167,6 +166,13 @@ def cmd_region(args: argparse.Namespace) -> int:
     s = write_region(args.archive, args.output, args.level, args.x, args.y, args.width, args.height)
     _emit(args, s, f"level {s['level']} x={s['x']} y={s['y']} {s['width']}x{s['height']} -> {s['out']}")
     return 0
+
+
+def _resources(text: str) -> dict[str, float]:
+    try:
+        return {name.strip(): float(value) for name, value in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=N[,NAME=N], e.g. GPU=1, got {text!r}") from None
 
 
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
@@ -218,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing archive (only once the new one "
                                                             "is complete)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted pack of the same slide")
+    p.add_argument("--resources", type=_resources, default=None, metavar="NAME=N[,...]",
+                   help="run encoding only on Dask workers declaring these resources (e.g. GPU=1; "
+                        "implied by --device cuda)")
     _add_cluster_options(p)
     p.set_defaults(func=cmd_pack)
 

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ClusterError
+
 log = logging.getLogger("wsi_idf")
 
 IN_PROCESS = "synchronous"
@@ -22,7 +24,7 @@ IN_PROCESS = "synchronous"
 class Runner:
     """Where tasks run: a distributed client, or this process (``client is None``)."""
     client: Any
-    gpu: bool  # annotate tasks with resources={"GPU": 1}
+    resources: dict[str, float] | None  # tasks run only on workers declaring these (e.g. {"GPU": 1})
     torch_threads: int
 
     def map(self, fn: Callable, items: Iterable, *args, progress: bool = False, desc: str = "",
@@ -38,8 +40,7 @@ class Runner:
                     bar.update()
                 return
             from distributed import as_completed
-            resources = {"GPU": 1} if self.gpu else None
-            futures = [self.client.submit(fn, item, *args, pure=False, resources=resources) for item in items]
+            futures = [self.client.submit(fn, item, *args, pure=False, resources=self.resources) for item in items]
             try:
                 for future in as_completed(futures):
                     yield future.result()
@@ -60,18 +61,28 @@ def cpu_count() -> int:
 
 
 @contextmanager
-def runner(scheduler: str | None = None, workers: int | None = None, device: str = "auto") -> Iterator[Runner]:
+def runner(scheduler: str | None = None, workers: int | None = None, device: str = "auto",
+           resources: dict[str, float] | None = None) -> Iterator[Runner]:
     """A task runner for ``scheduler``: None starts an embedded local cluster, ``tcp://host:port``
     joins an existing one, ``synchronous`` runs every task in this process."""
     import torch
     gpu_here = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if scheduler == IN_PROCESS:
-        yield Runner(None, False, torch.get_num_threads())
+        yield Runner(None, None, torch.get_num_threads())
         return
     from distributed import Client, LocalCluster
     if scheduler:
-        with Client(scheduler, timeout="30s") as client:
-            yield Runner(client, device.startswith("cuda"), 0)  # remote workers keep their own thread settings
+        wanted = resources or ({"GPU": 1} if device.startswith("cuda") else None)
+        try:
+            client = Client(scheduler, timeout="30s")
+        except OSError as exc:
+            raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+        with client:
+            if wanted and not any(all(w.get("resources", {}).get(k, 0) >= v for k, v in wanted.items())
+                                  for w in client.scheduler_info()["workers"].values()):
+                raise ClusterError(f"no worker of the cluster at {scheduler} has resources {wanted}; start "
+                                   "workers with e.g. `dask worker ADDRESS --resources GPU=1`")
+            yield Runner(client, wanted, 0)  # remote workers keep their own thread settings
         return
     cores = cpu_count()
     if gpu_here:
@@ -82,10 +93,10 @@ def runner(scheduler: str | None = None, workers: int | None = None, device: str
     log.info("starting a local Dask cluster: %d worker process(es), %d torch thread(s) each%s",
              n_workers, threads, ", GPU" if gpu_here else "")
     cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                           resources={"GPU": 1} if gpu_here else None, silence_logs=logging.ERROR)
+                           resources=resources or ({"GPU": 1} if gpu_here else None), silence_logs=logging.ERROR)
     try:
         with Client(cluster) as client:
-            yield Runner(client, gpu_here, threads)
+            yield Runner(client, resources or ({"GPU": 1} if gpu_here else None), threads)
     finally:
         cluster.close()
 

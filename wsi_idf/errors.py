@@ -30,3 +30,17 @@ class SlideError(WsiIdfError):
 
 class ArchiveError(WsiIdfError):
     """An archive is missing, incomplete, damaged, or its pixels do not match their checksums or source."""
+
+
+class ClusterError(WsiIdfError):
+    """The Dask cluster cannot be reached or has no worker that can run the job."""
+
+
+class VerificationError(ArchiveError):
+    """Verification found damage or differences; ``damaged`` lists each undecodable patch as
+    [level, x, y] (its top-left pixel), ``problems`` every finding."""
+
+    def __init__(self, message: str, damaged: list | None = None, problems: list | None = None):
+        super().__init__(message)
+        self.damaged = damaged or []
+        self.problems = problems or []

@@ -61,11 +61,15 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
     from .coding import encode_patches
     set_torch_threads(job.torch_threads)
     root = Path(job.root)
+    t0 = time.perf_counter()
     region = cached_slide(job.slide).read(box.level, box.y0, box.y1, box.x0, box.x1)
     patches, present = cut_patches(region, job.shard)
     device = job.device if job.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = get_model(job.model, device, weights=job.weights)
-    blobs = encode_patches(patches, model=model, batch_size=64 if device == "cpu" else 256, device=device)
+    timings = {"read_s": time.perf_counter() - t0}
+    blobs = encode_patches(patches, model=model, batch_size=64 if device == "cpu" else 256, device=device,
+                           timings=timings)
+    t1 = time.perf_counter()
     if job.zarr_format == 3:
         write_atomic(chunk_path(root, box.level, box.row, box.col, 3), build_shard(blobs, present))
     else:
@@ -75,7 +79,17 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
     record = {"shard": box.name, "digest": region_digest(region).hex(), "encoded_bytes": sum(map(len, blobs)),
               "patches": len(blobs)}
     write_atomic(record_path(root, box), json.dumps(record).encode())
-    return record
+    timings["write_s"] = time.perf_counter() - t1
+    return {**record, "timings": timings, "worker": worker_name()}
+
+
+def worker_name() -> str | None:
+    """The Dask worker running this task (None in process): shows where tasks were routed."""
+    try:
+        from distributed import get_worker
+        return get_worker().name
+    except (ImportError, ValueError):
+        return None
 
 
 def file_sha256(path: Path) -> str:
@@ -185,11 +199,14 @@ def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp) ->
 def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None, device: str = "auto",
                backend: str = "auto", shard: int = DEFAULT_SHARD, zarr_format: int = 3, drop_label: bool = False,
                overwrite: bool = False, resume: bool = False, scheduler: str | None = None,
-               workers: int | None = None, progress: bool = False) -> dict:
+               workers: int | None = None, resources: dict[str, float] | None = None,
+               progress: bool = False) -> dict:
     """Pack ``source`` into the archive ``out``; return a summary (sizes, ratios, bits per sub-pixel, time).
 
     Bad input raises before anything is written. A failed or interrupted pack leaves only
     ``OUT.partial``, which ``resume=True`` finishes; ``OUT`` appears only when complete.
+    ``resources`` (e.g. ``{"GPU": 1}``) restricts the encoding tasks to workers that declare
+    them; a CUDA device implies ``{"GPU": 1}``.
     """
     t0 = time.perf_counter()
     source, out = Path(source), Path(out)
@@ -209,7 +226,7 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
             source_hash = hasher.submit(file_sha256, source)
             if not resumed or not (root / "0").exists():
                 create_levels(root, slide, model_entry.name, weights, shard, zarr_format)
-            with runner(scheduler, workers, device) as run:
+            with runner(scheduler, workers, device, resources) as run:
                 records = run_shards(run, slide, root, model_entry.name, weights, device, shard, zarr_format,
                                      progress)
             associated = write_associated(root, slide, drop_label, zarr_format)
@@ -248,12 +265,17 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
     shutil.rmtree(root / RECORDS_DIR, ignore_errors=True)
     (root / PLAN_FILE).unlink(missing_ok=True)
     finish(root, out)
-    return summarize(out, meta, slide, time.perf_counter() - t0, resumed)
+    summary = summarize(out, meta, slide, time.perf_counter() - t0, resumed)
+    stats = records["__stats__"]
+    summary["stage_seconds"] = {k: round(v, 2) for k, v in stats.items() if k != "workers"}
+    summary["workers"] = sorted(str(w) for w in stats["workers"] if w is not None)
+    return summary
 
 
 def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, device: str, shard: int,
                zarr_format: int, progress: bool) -> dict[str, dict]:
-    """Encode every shard not yet recorded; return the records of all shards by name."""
+    """Encode every shard not yet recorded; return the records of all shards by name, and under
+    ``__stats__`` the seconds per stage summed over the tasks run now and the workers that ran them."""
     job = ShardJob(slide.ref, str(root.resolve()), model, weights, device, shard, zarr_format, run.torch_threads)
     records: dict[str, dict] = {}
     todo: list[ShardBox] = []
@@ -266,8 +288,13 @@ def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, 
                 todo.append(box)
     if records:
         log.info("resuming: %d of %d shards already done", len(records), len(records) + len(todo))
+    stats = {"read_s": 0.0, "model_s": 0.0, "entropy_s": 0.0, "write_s": 0.0, "workers": set()}
     for record in run.map(encode_shard, todo, job, progress=progress, desc="packing"):
+        for key, seconds in record.pop("timings").items():
+            stats[key] += seconds
+        stats["workers"].add(record.pop("worker"))
         records[record["shard"]] = record
+    records["__stats__"] = stats
     return records
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .archive import open_archive
 from .cluster import runner, set_torch_threads
-from .errors import ArchiveError, CorruptPatchError, WsiIdfError
+from .errors import ArchiveError, CorruptPatchError, VerificationError, WsiIdfError
 from .shards import ShardBox, level_checksum, region_digest, shard_boxes
 from .slide import SlideRef, cached_slide, open_slide
 
@@ -35,15 +35,32 @@ def _level_array(root: str, level: int):
         return _arrays[key]
 
 
+DECODE_ERRORS = (CorruptPatchError, WsiIdfError, ValueError, OSError, RuntimeError)
+
+
+def damaged_patches(arr, box: ShardBox) -> list[list[int]]:
+    """The (level, x, y) of each patch in a shard that does not decode, read one at a time."""
+    from .config import PATCH
+    damaged = []
+    for y in range(box.y0, box.y1, PATCH):
+        for x in range(box.x0, box.x1, PATCH):
+            try:
+                arr[:, y:y + PATCH, x:x + PATCH]
+            except DECODE_ERRORS:
+                damaged.append([box.level, x, y])
+    return damaged
+
+
 def verify_shard(box: ShardBox, job: VerifyJob) -> dict:
     """Task: decode one shard's region, hash it, and compare it with the source when given."""
     set_torch_threads(job.torch_threads)
-    result = {"shard": box.name, "digest": None, "error": None}
+    result = {"shard": box.name, "digest": None, "error": None, "damaged": []}
+    arr = _level_array(job.root, box.level)
     try:
-        region = np.ascontiguousarray(
-            _level_array(job.root, box.level)[:, box.y0:box.y1, box.x0:box.x1].transpose(1, 2, 0))
-    except (CorruptPatchError, WsiIdfError, ValueError, OSError) as exc:
-        result["error"] = f"cannot decode: {exc}"
+        region = np.ascontiguousarray(arr[:, box.y0:box.y1, box.x0:box.x1].transpose(1, 2, 0))
+    except DECODE_ERRORS as exc:
+        result["damaged"] = damaged_patches(arr, box)
+        result["error"] = f"cannot decode {len(result['damaged'])} patch(es) ({exc})"
         return result
     result["digest"] = region_digest(region).hex()
     if job.source is not None:
@@ -77,13 +94,15 @@ def verify_archive(path: str | Path, source: str | Path | None = None, backend: 
         for result in run.map(verify_shard, boxes, job, progress=progress, desc="verifying"):
             results[result["shard"]] = result
     problems = [f"shard {name}: {r['error']}" for name, r in sorted(results.items()) if r["error"]]
+    damaged = sorted(p for r in results.values() for p in r["damaged"])
     for i, lv in enumerate(meta["levels"]):
         digests = [results[b.name]["digest"] for b in shard_boxes(i, lv["height"], lv["width"], lv["shard"])]
         if None not in digests and level_checksum([bytes.fromhex(d) for d in digests]) != lv["checksum"]["value"]:
             problems.append(f"level {i}: checksum of the decoded pixels does not match the one stored at pack time")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ArchiveError(f"{archive.path}: verification failed: {'; '.join(problems[:5])}{more}")
+        raise VerificationError(f"{archive.path}: verification failed: {'; '.join(problems[:5])}{more}",
+                                damaged=damaged, problems=problems)
     pixels = sum(lv["width"] * lv["height"] for lv in meta["levels"])
     return {"archive": str(archive.path), "levels": len(meta["levels"]), "shards": len(boxes), "pixels": pixels,
             "checksums": "ok", "source_compared": source is not None, "ok": True}

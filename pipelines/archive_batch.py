@@ -1,0 +1,204 @@
+"""Archive a folder (or a CSV list) of slides, one archive per slide, with a manifest.
+
+    python pipelines/archive_batch.py /data/slides -o /archive                     # embedded local cluster
+    python pipelines/archive_batch.py slides.csv -o /archive --scheduler tcp://head:8786
+    python pipelines/archive_batch.py /data/slides -o /archive --slurm --slurm-jobs 8 --slurm-gpus 1
+
+Every slide goes through the same ``wsi_idf.pack_slide`` on the same Dask cluster, whichever way
+the cluster was made. A failing slide is recorded in the manifest and the batch goes on.
+Running the same command again skips finished archives and resumes interrupted ones.
+The manifest (``manifest.csv`` and ``manifest.json`` in the output folder) is rewritten after
+every slide: per slide the status, sizes, ratios, bits per sub-pixel, level checksums, time, error.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from wsi_idf.archive import read_attributes, write_atomic
+from wsi_idf.cli import configure_logging
+from wsi_idf.errors import WsiIdfError
+from wsi_idf.pack import pack_slide, partial_path, tree_size
+
+log = logging.getLogger("wsi_idf")
+
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
+FIELDS = ["slide", "archive", "status", "source_bytes", "raw_bytes", "archive_bytes", "ratio_to_raw",
+          "ratio_to_source", "bits_per_subpixel", "level_checksums", "seconds", "error"]
+
+
+def find_slides(source: Path, recursive: bool = False) -> list[Path]:
+    """Slide files in a folder (by suffix), or the ``path`` column of a CSV (relative to the CSV)."""
+    if source.is_dir():
+        pattern = "**/*" if recursive else "*"
+        return sorted(p for p in source.glob(pattern) if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+    if source.suffix.lower() == ".csv":
+        with open(source, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows and "path" not in rows[0]:
+            raise WsiIdfError(f"{source}: a slide list needs a 'path' column")
+        return [(source.parent / row["path"]).resolve() if not Path(row["path"]).is_absolute() else Path(row["path"])
+                for row in rows if row["path"].strip()]
+    raise WsiIdfError(f"{source}: give a folder of slides or a CSV with a 'path' column")
+
+
+def archive_names(slides: Sequence[Path]) -> dict[Path, str]:
+    """``{stem}.zarr`` per slide; slides sharing a stem get their parent folder's name as a prefix."""
+    stems: dict[str, int] = {}
+    for slide in slides:
+        stems[slide.stem] = stems.get(slide.stem, 0) + 1
+    return {s: (f"{s.parent.name}-{s.stem}.zarr" if stems[s.stem] > 1 else f"{s.stem}.zarr") for s in slides}
+
+
+def finished_row(slide: Path, out: Path, earlier: dict | None) -> dict:
+    """The manifest row of an archive finished by an earlier run, from its own metadata."""
+    attrs, _ = read_attributes(out)
+    meta = attrs["wsi_idf"]
+    source = meta["source"]
+    if source["name"] != slide.name or source["size"] != slide.stat().st_size:
+        raise WsiIdfError(f"{out} holds another source ({source['name']}, {source['size']} bytes); "
+                          "move it away or delete it")
+    raw = sum(lv["width"] * lv["height"] * 3 for lv in meta["levels"])
+    coded = sum(lv["encoded_bytes"] for lv in meta["levels"])
+    size = tree_size(out)
+    return {"slide": str(slide), "archive": str(out), "status": "done", "source_bytes": source["size"],
+            "raw_bytes": raw, "archive_bytes": size, "ratio_to_raw": round(raw / size, 3),
+            "ratio_to_source": round(source["size"] / size, 3), "bits_per_subpixel": round(8 * coded / raw, 4),
+            "level_checksums": ";".join(lv["checksum"]["value"] for lv in meta["levels"]),
+            "seconds": (earlier or {}).get("seconds", ""), "error": ""}
+
+
+def write_manifest(out_dir: Path, rows: list[dict]) -> None:
+    write_atomic(out_dir / "manifest.json", json.dumps(rows, indent=2).encode())
+    tmp = out_dir / ".manifest.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out_dir / "manifest.csv")
+
+
+def run_batch(slides: Sequence[Path], out_dir: Path, scheduler: str | None, progress: bool = False,
+              **pack_options) -> list[dict]:
+    """Pack every slide into ``out_dir``; return (and keep writing) the manifest rows."""
+    from tqdm import tqdm
+    out_dir.mkdir(parents=True, exist_ok=True)
+    earlier = {}
+    if (out_dir / "manifest.json").is_file():
+        earlier = {row["slide"]: row for row in json.loads((out_dir / "manifest.json").read_text())}
+    names = archive_names(slides)
+    rows: list[dict] = []
+    for slide in tqdm(slides, desc="slides", unit="slide", disable=not progress):
+        out = out_dir / names[slide]
+        row = {"slide": str(slide), "archive": str(out), "status": "failed", "error": ""}
+        t0 = time.perf_counter()
+        try:
+            if out.exists():
+                row = finished_row(slide, out, earlier.get(str(slide)))
+                log.info("%s: already archived, skipped", slide.name)
+            else:
+                resume = partial_path(out).exists()
+                if resume:
+                    log.info("%s: resuming an interrupted pack", slide.name)
+                summary = pack_slide(slide, out, scheduler=scheduler, resume=resume, progress=progress,
+                                     **pack_options)
+                row = finished_row(slide, out, None)
+                row["seconds"] = summary["seconds"]
+        except WsiIdfError as exc:
+            row.update(status="failed", error=str(exc), seconds=round(time.perf_counter() - t0, 2))
+            log.warning("%s: %s", slide.name, exc)
+        except Exception as exc:  # one slide's unexpected failure must not stop the batch
+            row.update(status="failed", error=f"{type(exc).__name__}: {exc}", seconds=round(time.perf_counter() - t0, 2))
+            log.warning("%s: %s: %s", slide.name, type(exc).__name__, exc)
+        rows.append({field: row.get(field, "") for field in FIELDS})
+        write_manifest(out_dir, rows)
+    return rows
+
+
+@contextmanager
+def cluster_address(args: argparse.Namespace) -> Iterator[str]:
+    """The scheduler every slide is packed on: existing, SLURM (dask-jobqueue), or an embedded local one."""
+    if args.scheduler:
+        yield args.scheduler
+        return
+    if args.slurm:
+        try:
+            from dask_jobqueue import SLURMCluster
+        except ImportError:
+            raise WsiIdfError("--slurm needs dask-jobqueue: pip install dask-jobqueue") from None
+        extra = [f"--gres=gpu:{args.slurm_gpus}"] if args.slurm_gpus else []
+        worker_args = ["--resources", f"GPU={args.slurm_gpus}"] if args.slurm_gpus else []
+        with SLURMCluster(cores=args.slurm_cores, memory=args.slurm_memory, processes=1, queue=args.slurm_queue,
+                          walltime=args.slurm_walltime, job_extra_directives=extra,
+                          worker_extra_args=worker_args) as cluster:
+            cluster.scale(jobs=args.slurm_jobs)
+            yield cluster.scheduler_address
+        return
+    import logging as _logging
+
+    from distributed import LocalCluster
+
+    from wsi_idf.cluster import cpu_count
+    workers = args.workers or max(1, min(4, cpu_count() // 2) if cpu_count() >= 4 else cpu_count())
+    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0",
+                      silence_logs=_logging.ERROR) as cluster:
+        yield cluster.scheduler_address
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="exit codes: 0 every slide archived, 1 some slide failed (see the "
+                                            "manifest), 2 usage error, 130 interrupted (run again to resume)")
+    parser.add_argument("source", type=Path, help="a folder of slides, or a CSV with a 'path' column")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the archives and manifest")
+    parser.add_argument("--recursive", action="store_true", help="look for slides in sub-folders too")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--drop-label", action="store_true", help="leave out label images (patient identifiers)")
+    parser.add_argument("--scheduler", default=None, help="an existing Dask scheduler (tcp://host:port)")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes of the embedded cluster")
+    parser.add_argument("--slurm", action="store_true", help="start workers as SLURM jobs (dask-jobqueue)")
+    parser.add_argument("--slurm-jobs", type=int, default=4)
+    parser.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per job: --gres=gpu:N, worker resources GPU=N")
+    parser.add_argument("--slurm-cores", type=int, default=8)
+    parser.add_argument("--slurm-memory", default="32GB")
+    parser.add_argument("--slurm-queue", default=None)
+    parser.add_argument("--slurm-walltime", default="12:00:00")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-q", "--quiet", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    args = parser.parse_args(argv)
+    configure_logging(logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)])
+    try:
+        slides = find_slides(args.source, args.recursive)
+        if not slides:
+            raise WsiIdfError(f"{args.source}: no slide files found")
+        with cluster_address(args) as address:
+            rows = run_batch(slides, args.output, address, progress=not args.quiet, model=args.model,
+                             device=args.device, drop_label=args.drop_label)
+    except WsiIdfError as exc:
+        print(f"archive_batch: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("archive_batch: interrupted; run the same command again to finish", file=sys.stderr)
+        return 130
+    failed = [r for r in rows if r["status"] != "done"]
+    if args.json:
+        print(json.dumps(rows))
+    elif not args.quiet:
+        done = len(rows) - len(failed)
+        print(f"{done} of {len(rows)} slide(s) archived in {args.output}; manifest: {args.output / 'manifest.csv'}")
+        for r in failed:
+            print(f"failed: {r['slide']}: {r['error']}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
