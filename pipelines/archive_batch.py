@@ -152,6 +152,16 @@ def cluster_address(args: argparse.Namespace) -> Iterator[str]:
         yield cluster.scheduler_address
 
 
+def check_scheduler(address: str) -> None:
+    """Fail the whole batch at once, not slide by slide, when the cluster cannot be reached."""
+    from distributed import Client
+    try:
+        with Client(address, timeout="10s"):
+            pass
+    except OSError as exc:
+        raise WsiIdfError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="exit codes: 0 every slide archived, 1 some slide failed (see the "
@@ -181,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not slides:
             raise WsiIdfError(f"{args.source}: no slide files found")
         with cluster_address(args) as address:
+            check_scheduler(address)
             rows = run_batch(slides, args.output, address, progress=not args.quiet, model=args.model,
                              device=args.device, drop_label=args.drop_label)
     except WsiIdfError as exc:

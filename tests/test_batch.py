@@ -1,0 +1,142 @@
+"""Batch archiving on real distributed components: `dask scheduler` and `dask worker` processes on loopback."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import NO_DATA
+from pipelines.archive_batch import main as batch_main
+from slides import CMU_SVS, mosaic, pyramid, write_pyramidal_tiff
+from wsi_idf import open_archive
+from wsi_idf.errors import ClusterError
+from wsi_idf.pack import RECORDS_DIR, pack_slide, partial_path
+from wsi_idf.verify import verify_archive
+
+pytestmark = pytest.mark.skipif(not CMU_SVS.exists(), reason=NO_DATA)
+REPO = Path(__file__).resolve().parents[1]
+DASK = str(Path(sys.executable).parent / "dask")
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([DASK, *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def start_worker(scheduler_file: Path, name: str, folder: Path, *extra: str) -> subprocess.Popen:
+    """A worker without a nanny, so killing its process kills the worker (no restart)."""
+    return start(["worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1", "--no-nanny",
+                  "--no-dashboard", "--name", name, *extra], folder / f"worker-{name}.log")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """`dask scheduler` plus two `dask worker` processes; one declares the resource GPU=1."""
+    from distributed import Client
+    folder = tmp_path_factory.mktemp("cluster")
+    scheduler_file = folder / "scheduler.json"
+    procs = [start(["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                    "--scheduler-file", str(scheduler_file)], folder / "scheduler.log")]
+    deadline = time.time() + 60
+    while not scheduler_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    procs.append(start_worker(scheduler_file, "plain", folder))
+    procs.append(start_worker(scheduler_file, "gpu", folder, "--resources", "GPU=1"))
+    address = json.loads(scheduler_file.read_text())["address"]
+    with Client(address) as client:
+        client.wait_for_workers(2, timeout=120)
+    yield {"address": address, "file": scheduler_file, "folder": folder}
+    for proc in reversed(procs):  # workers first; they would wait for a lost scheduler
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def slides_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("slides")
+    for seed, (h, w) in enumerate([(400, 560), (330, 500), (520, 410)]):
+        write_pyramidal_tiff(folder / f"case-{seed}.tif", pyramid(mosaic(h, w, seed=20 + seed), 2))
+    (folder / "broken.svs").write_text("this is not a slide\n")
+    return folder
+
+
+def test_encoding_is_routed_by_resources(cluster, slides_dir, tmp_path):
+    out = tmp_path / "routed.zarr"
+    summary = pack_slide(slides_dir / "case-0.tif", out, scheduler=cluster["address"], resources={"GPU": 1},
+                         shard=160)
+    assert summary["workers"] == ["gpu"]
+    assert set(summary["stage_seconds"]) == {"read_s", "model_s", "entropy_s", "write_s"}
+    with pytest.raises(ClusterError, match="no worker"):
+        pack_slide(slides_dir / "case-1.tif", tmp_path / "nowhere.zarr", scheduler=cluster["address"],
+                   resources={"TPU": 1})
+    assert not (tmp_path / "nowhere.zarr").exists()
+
+
+def test_a_killed_worker_does_not_stop_the_job(cluster, tmp_path):
+    source = write_pyramidal_tiff(tmp_path / "big.tif", pyramid(mosaic(1000, 1360, seed=31), 2))
+    victim = start_worker(cluster["file"], "victim", cluster["folder"])
+    from distributed import Client
+    with Client(cluster["address"]) as client:
+        client.wait_for_workers(3, timeout=120)
+    out = tmp_path / "big.zarr"
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(pack_slide(source, out, scheduler=cluster["address"],
+                                                                      shard=160)))
+    thread.start()
+    records = partial_path(out) / RECORDS_DIR / "0"
+    deadline = time.time() + 300
+    while len(list(records.glob("*.json"))) < 6 and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert result and not partial_path(out).exists()
+    verify_archive(out, source=source, scheduler="synchronous")
+
+
+def test_batch_archives_a_folder_records_failures_and_skips_finished(cluster, slides_dir, tmp_path, capsys):
+    out = tmp_path / "archive"
+    argv = [str(slides_dir), "-o", str(out), "--scheduler", cluster["address"], "-q"]
+    assert batch_main(argv) == 1  # broken.svs fails, the others are archived
+    rows = json.loads((out / "manifest.json").read_text())
+    by_name = {Path(r["slide"]).name: r for r in rows}
+    assert by_name["broken.svs"]["status"] == "failed" and "not a slide" in by_name["broken.svs"]["error"]
+    for name in ["case-0.tif", "case-1.tif", "case-2.tif"]:
+        row = by_name[name]
+        assert row["status"] == "done" and row["archive_bytes"] > 0 and len(row["level_checksums"].split(";")) == 2
+        assert open_archive(row["archive"]).metadata["source"]["name"] == name
+    assert (out / "manifest.csv").read_text().startswith("slide,archive,status,")
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.zarr/zarr.json")}
+    assert batch_main(argv + ["--json"]) == 1
+    again = json.loads(capsys.readouterr().out)
+    assert [r["status"] for r in again] == [r["status"] for r in rows]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.zarr/zarr.json")} == mtimes  # skipped, not redone
+
+
+def test_batch_killed_midway_completes_on_rerun(slides_dir, tmp_path, capsys):
+    out = tmp_path / "archive"
+    cmd = [sys.executable, "-m", "pipelines.archive_batch", str(slides_dir), "-o", str(out), "--workers", "1", "-q"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("*.partial/" + RECORDS_DIR + "/0/*.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(out.glob("*.partial"))  # an interrupted pack is left to finish
+    assert batch_main(["--scheduler", "tcp://127.0.0.1:1", str(slides_dir), "-o", str(out), "-q"]) == 1
+    assert "cannot reach the Dask scheduler" in capsys.readouterr().err
+    assert batch_main([str(slides_dir), "-o", str(out), "--workers", "1", "-q"]) == 1
+    rows = json.loads((out / "manifest.json").read_text())
+    assert sorted(r["status"] for r in rows) == ["done", "done", "done", "failed"]
+    assert not list(out.glob("*.partial"))
+    for row in rows:
+        if row["status"] == "done":
+            verify_archive(row["archive"], source=row["slide"], scheduler="synchronous")
