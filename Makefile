@@ -8,7 +8,7 @@ DATA ?= $(if $(WSI_IDF_DATA),$(WSI_IDF_DATA),../shared/data)
 SLIDE ?= $(DATA)/slides/cmu-1-small-region.svs
 WSI := $(VENV)/bin/wsi-idf
 
-.PHONY: demo test test-slow bench bench-pack clean-venv
+.PHONY: demo test test-slow bench bench-pack bench-scale clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: $(STAMP)  ## codec benchmark table against JPEG XL, JPEG 2000, WebP, JPEG
 
 bench-pack: $(STAMP)  ## whole slides through the Dask pipeline: time, size, peak memory
 	$(PY) benchmarks/bench_pack.py --out results
+
+GIGAPIXELS ?= 4
+bench-scale: $(STAMP)  ## a generated 4-gigapixel slide of real tissue: Mpx/s per stage, peak RSS per process
+	$(PY) benchmarks/bench_scale.py --gigapixels $(GIGAPIXELS) --out results
 
 clean-venv:
 	rm -rf $(VENV)

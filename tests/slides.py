@@ -66,3 +66,45 @@ def write_ome_tiff(path: Path, levels: list[np.ndarray], mpp: float = 0.5, tile:
         for image in levels[1:]:
             tif.write(image, tile=(tile, tile), photometric="rgb", compression="zlib", subfiletype=1)
     return path
+
+
+def write_mosaic_pyramid(path: Path, width: int, height: int, levels: int = 4, seed: int = 0, tile: int = 512,
+                         quality: int = 90) -> Path:
+    """A slide of any size (gigapixels) streamed tile by tile, never held whole in memory.
+
+    Level k is a mosaic of the real MoNuSeg tiles box-downsampled by 2^k, each grid cell a tile
+    picked and rotated by the seed; JPEG-compressed like a scanner's SVS. Both tifffile and
+    OpenSlide read every level.
+    """
+    paths = sorted(TILE_FOLDER.glob("*.tif"))
+    sources = [[read_rgb(p)[:1000, :1000]] for p in paths]
+    for pyr in sources:
+        for _ in range(levels - 1):
+            pyr.append(halve(pyr[-1]))
+    cell = 1000
+    rng = np.random.default_rng(seed)
+    cols, rows = -(-width // cell), -(-height // cell)
+    picks = rng.integers(len(paths), size=(rows, cols))
+    turns = rng.integers(4, size=(rows, cols))
+
+    def tiles(k: int):
+        c = cell >> k
+        h, w = -(-height // 2**k), -(-width // 2**k)
+        for ty in range(0, h, tile):
+            for tx in range(0, w, tile):
+                out = np.zeros((tile, tile, 3), np.uint8)
+                for gy in range(ty // c, min(rows, -(-(ty + tile) // c))):
+                    for gx in range(tx // c, min(cols, -(-(tx + tile) // c))):
+                        src = np.rot90(sources[picks[gy, gx]][k], turns[gy, gx])
+                        y0, x0 = max(ty, gy * c), max(tx, gx * c)
+                        y1, x1 = min(ty + tile, (gy + 1) * c, h), min(tx + tile, (gx + 1) * c, w)
+                        out[y0 - ty:y1 - ty, x0 - tx:x1 - tx] = src[y0 - gy * c:y1 - gy * c, x0 - gx * c:x1 - gx * c]
+                yield out
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for k in range(levels):
+            shape = (-(-height // 2**k), -(-width // 2**k), 3)
+            tif.write(tiles(k), shape=shape, dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                      compression="jpeg", compressionargs={"level": quality}, subfiletype=1 if k else 0,
+                      resolution=(1e4 / (0.25 * 2**k), 1e4 / (0.25 * 2**k)), resolutionunit="CENTIMETER")
+    return path
