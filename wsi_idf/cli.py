@@ -168,6 +168,28 @@ def cmd_region(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from .data import data_dir
+    from .training import TrainSettings, train_model
+    data = args.data or [data_dir() / "tiles" / "train"]
+    val = args.val or ([data_dir() / "tiles" / "val"] if not args.data else None)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+                             time_limit_s=args.minutes * 60 if args.minutes else None)
+    try:
+        s = train_model(args.model, [Path(d) for d in data], args.out, val=[Path(v) for v in val] if val else None,
+                        settings=settings, init_from=args.init_from, device=args.device)
+    except ValueError as exc:
+        raise WsiIdfError(str(exc)) from exc
+    _emit(args, s, f"exported {s['model']}: validation {s['val_coded_bpsp']} bits per sub-pixel written "
+                   f"(float model {s['val_float_bpsp']}), exact round trip on {s['val_patches']} patches; "
+                   f"to ship it, add it to MODELS in wsi_idf/registry.py and copy it to wsi_idf/weights/")
+    return 0
+
+
 def _resources(text: str) -> dict[str, float]:
     try:
         return {name.strip(): float(value) for name, value in (item.split("=") for item in text.split(","))}
@@ -229,6 +251,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "implied by --device cuda)")
     _add_cluster_options(p)
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("train", parents=[common], help="train or fine-tune a model on tiles or slides",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a registered configuration on random 80x80 crops (flips, rotations; "
+                                   "background crops down-weighted) of the tiles and slides in --data, with "
+                                   "resumable checkpoints in --out (run again to continue), then export the exact "
+                                   "integer coding model and prove it round-trips on the validation patches.\n\n"
+                                   "Fine-tune a shipped model on a lab's own slides:\n"
+                                   "  wsi-idf train fast --init-from wsi_idf/weights/fast-29461924.safetensors "
+                                   "--data /lab/slides --minutes 60 --out finetuned/")
+    p.add_argument("model", help="registered configuration (fast, max); the name of the exported file")
+    p.add_argument("--data", action="append", type=Path, default=None,
+                   help="folder (or file) of tiles and/or slides; repeatable (default: the shared train tiles)")
+    p.add_argument("--val", action="append", type=Path, default=None,
+                   help="validation folder (default: the shared val tiles, or a tenth of the training tiles)")
+    p.add_argument("--out", type=Path, default=Path("checkpoints"), help="checkpoints, log and exported model")
+    p.add_argument("--init-from", type=Path, default=None, help="a model file to fine-tune (its float weights)")
+    p.add_argument("--steps", type=int, default=100000)
+    p.add_argument("--minutes", type=float, default=None, help="stop (checkpointed) after this long")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("verify", parents=[common], help="decode everything and check checksums (and the source)",
                        description="Decode every patch, check each level against the checksum of its raw pixels "
