@@ -5,8 +5,6 @@ Nothing may ever be reported complete that is not, and no damaged byte may turn 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
 import signal
 import subprocess
@@ -62,7 +60,7 @@ def pack_command(source: Path, out: Path, *extra: str) -> list[str]:
             "--scheduler", "synchronous", "-q", *extra]
 
 
-@pytest.mark.parametrize("trial", range(3))
+@pytest.mark.parametrize("trial", [*range(3), *(pytest.param(t, marks=pytest.mark.slow) for t in range(3, 15))])
 def test_kill_9_at_a_random_point_then_resume_is_identical(work, source, reference, trial):
     rng = np.random.default_rng(trial)
     out = work / f"killed-{trial}.zarr"
