@@ -148,11 +148,14 @@ print('ok')
     assert _run(decode, 2).strip() == "ok"
 
 
-def test_committed_fixture_bytes_decode(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_committed_fixture_bytes_decode(tmp_path, version):
     """Bytes written by earlier versions decode to the same pixels forever (the format is a promise)."""
-    manifest = json.loads((FIXTURES / "manifest.json").read_text())
+    folder = FIXTURES.parent / f"format_v{version}"
+    manifest = json.loads((folder / "manifest.json").read_text())
     for item in manifest:
-        blob = (FIXTURES / item["file"]).read_bytes()
+        blob = (folder / item["file"]).read_bytes()
+        assert fmt.unpack(blob)[0].version == version
         if item["source"] == "hard":
             expected = hard_patch(item["kind"], item["seed"])
         else:

@@ -143,8 +143,14 @@ class Archive:
         mpp = self.metadata["slide"].get("mpp")
         return tuple(mpp) if mpp else None
 
-    def region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        """Pixels of one region as (height, width, 3) uint8; decodes only the patches it touches."""
+    def region(self, level: int, x: int, y: int, width: int, height: int, levels: int | None = None) -> np.ndarray:
+        """Pixels of one region as (height, width, 3) uint8; decodes only the patches it touches.
+
+        ``levels`` below the model's reads and decodes only the coarse flow levels of each patch:
+        a progressive preview (see ``wsi_idf.progressive``)."""
+        if levels is not None:
+            from .progressive import read_region
+            return read_region(self.path, level, x, y, width, height, levels)[0]
         arr = self.zarr_level(level)
         _, h, w = arr.shape
         if not (0 <= x and 0 <= y and width > 0 and height > 0 and x + width <= w and y + height <= h):

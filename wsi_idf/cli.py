@@ -163,8 +163,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_region(args: argparse.Namespace) -> int:
     from .export import write_region
-    s = write_region(args.archive, args.output, args.level, args.x, args.y, args.width, args.height)
-    _emit(args, s, f"level {s['level']} x={s['x']} y={s['y']} {s['width']}x{s['height']} -> {s['out']}")
+    s = write_region(args.archive, args.output, args.level, args.x, args.y, args.width, args.height, args.levels)
+    preview = f" (preview from {args.levels} flow level(s), {s['bytes_read']:,} bytes read)" if args.levels else ""
+    _emit(args, s, f"level {s['level']} x={s['x']} y={s['y']} {s['width']}x{s['height']} -> {s['out']}{preview}")
     return 0
 
 
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, required=True)
     p.add_argument("--height", type=int, required=True)
     p.add_argument("-o", "--output", type=Path, required=True, help="region.png")
+    p.add_argument("--levels", type=int, default=None, metavar="K",
+                   help="progressive preview: read and decode only the K coarsest flow levels of each patch "
+                        "(1 = top latents only; default: all, lossless)")
     p.set_defaults(func=cmd_region)
     return parser
 

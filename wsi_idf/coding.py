@@ -42,12 +42,16 @@ def _top_priors(model: CodingModel, top_shape: Sequence[int]) -> tuple[np.ndarra
 
 def _idf_payload(model: CodingModel, outs, priors, top: np.ndarray, i: int,
                  top_priors: tuple[np.ndarray, np.ndarray]) -> bytes:
+    """A version 2 (progressive) payload: one rANS stream per level, the top latents first."""
     split_tables, top_tables = entropy_tables(model)
     coder = constriction.stream.stack.AnsCoder()
-    for level, out in enumerate(outs):  # finest level first: it is popped last
-        push(coder, split_tables, out[i].ravel(), priors[level][0][i].ravel(), priors[level][1][i].ravel())
     push(coder, top_tables, top[i].ravel(), *top_priors)
-    return coder.get_compressed().astype("<u4").tobytes()
+    streams = [coder.get_compressed()]
+    for level in reversed(range(len(outs))):  # the coarsest split first
+        coder = constriction.stream.stack.AnsCoder()
+        push(coder, split_tables, outs[level][i].ravel(), priors[level][0][i].ravel(), priors[level][1][i].ravel())
+        streams.append(coder.get_compressed())
+    return fmt.pack_streams(streams)
 
 
 def _latents(model: CodingModel, x: np.ndarray):
@@ -99,47 +103,69 @@ def ideal_bits(patches: np.ndarray, model: ModelArg = None, device: str | torch.
     return bits
 
 
-def _decode_idf(model: CodingModel, payloads: list[memoryview]) -> tuple[np.ndarray, dict[int, str]]:
-    """Decode IDF payloads in one batch; return pixels and {index: error} for damaged ones."""
+def _stream_coders(payload: memoryview, version: int, streams: int, needed: int) -> list:
+    """One rANS coder per level to pop from: version 1 shares one stack, version 2 has one each."""
+    if version == 1:
+        if len(payload) % 4 or not len(payload):
+            raise ValueError(f"payload of {len(payload)} bytes is not a whole number of rANS words")
+        coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
+        return [coder] * streams
+    return [constriction.stream.stack.AnsCoder(words) for words in fmt.unpack_streams(payload, streams, needed)]
+
+
+def _decode_idf(model: CodingModel, payloads: list[memoryview], versions: list[int],
+                levels: int | None = None) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode IDF payloads in one batch; return pixels and {index: error} for damaged ones.
+
+    With ``levels`` below the model's, only the top latents and the coarsest ``levels - 1`` splits
+    are decoded; the finer latents are set to their prior's most likely value (a preview).
+    """
     split_tables, top_tables = entropy_tables(model)
+    cfg, flow = model.config, model.flow
+    needed = cfg.levels if levels is None else max(1, min(levels, cfg.levels))
     errors: dict[int, str] = {}
     coders = []
-    for i, payload in enumerate(payloads):
+    for i, (payload, version) in enumerate(zip(payloads, versions)):
         try:
-            if len(payload) % 4 or not len(payload):
-                raise ValueError(f"payload of {len(payload)} bytes is not a whole number of rANS words")
-            coders.append(constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32)))
+            coders.append(_stream_coders(payload, version, cfg.levels, needed))
         except Exception as exc:  # constriction rejects some malformed streams outright
-            errors[i] = str(exc)
+            errors[i] = str(exc) if isinstance(exc, CorruptPatchError) else f"rANS stream is damaged ({exc})"
             coders.append(None)
 
-    def pop_all(tables, rows, centres, shape) -> np.ndarray:
+    def pop_all(stream: int, tables, rows, centres, shape) -> np.ndarray:
         values = np.zeros((len(coders), rows.shape[-1]), dtype=np.int64)
-        for i, coder in enumerate(coders):
+        for i, patch_coders in enumerate(coders):
             if i in errors:
                 continue
             try:
-                values[i] = pop(coder, tables, rows[i], centres[i])
+                values[i] = pop(patch_coders[stream], tables, rows[i], centres[i])
             except Exception as exc:
                 errors[i] = f"rANS stream is damaged ({exc})"
         return values.reshape(shape)
 
-    cfg, flow = model.config, model.flow
     side = PATCH // 2**cfg.levels
     top_shape = (cfg.level_channels()[-1], side, side)
     rows, centres = (np.broadcast_to(a, (len(coders), a.size)) for a in _top_priors(model, top_shape))
     floats = lambda a: torch.from_numpy(a.astype(np.float32)).to(flow.device)  # exact: |latents| < 2**15
     ints = lambda t: t.reshape(len(coders), -1).cpu().numpy().astype(np.int64)
-    z = floats(pop_all(top_tables, rows, centres, (len(coders), *top_shape)))
+    z = floats(pop_all(0, top_tables, rows, centres, (len(coders), *top_shape)))
+    stream = 1
     for level in reversed(range(cfg.levels)):
         if level < cfg.levels - 1:
             params = flow.split_params_for(level, z)
-            out = pop_all(split_tables, ints(params.rows), ints(params.centres), tuple(z.shape))
+            split_rows, split_centres = ints(params.rows), ints(params.centres)
+            if stream < needed:
+                out = pop_all(stream, split_tables, split_rows, split_centres, tuple(z.shape))
+            else:  # not decoded: the prior's most likely value
+                out = (split_centres + split_tables.mode_offsets[split_rows]).reshape(tuple(z.shape))
+            stream += 1
             z = torch.cat([z, floats(out)], dim=1)
         z = F.pixel_shuffle(flow.inverse_level(level, z), 2)
     pixels = (z + 128).cpu().numpy().astype(np.int64)
-    for i, coder in enumerate(coders):
-        if i not in errors and not coder.is_empty():
+    if needed < cfg.levels:
+        return pixels.clip(0, 255).astype(np.uint8), errors
+    for i, patch_coders in enumerate(coders):
+        if i not in errors and not all(coder.is_empty() for coder in patch_coders):
             errors[i] = "rANS stream has data left over after decoding: it is damaged"
         if i not in errors and (pixels[i].min() < 0 or pixels[i].max() > 255):
             errors[i] = "decoded values leave the pixel range: the stream is damaged"
@@ -147,16 +173,22 @@ def _decode_idf(model: CodingModel, payloads: list[memoryview]) -> tuple[np.ndar
 
 
 def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: int = 64,
-                   device: str | torch.device | None = "cpu") -> np.ndarray:
+                   device: str | torch.device | None = "cpu", levels: int | None = None) -> np.ndarray:
     """Decode byte strings from ``encode_patches`` to uint8 (N, 3, 80, 80).
 
     ``model`` None takes the model each patch names; a model name takes that model with the
     weights each patch names; a model file or loaded model refuses patches written with
     other weights. Damaged data raises ``CorruptPatchError``; pixels are never guessed.
+
+    ``levels`` (1 .. the model's levels) decodes a progressive preview from the coarsest
+    levels' data only, filling the rest from the priors; the blobs may then be cut after
+    those levels' streams (``preview_prefix``). None, or all levels, is the lossless decode.
+    Deflate and raw patches always decode exactly.
     """
     out = np.empty((len(blobs), CHANNELS, PATCH, PATCH), dtype=np.uint8)
     headers, payloads = [], []
     pending: dict[bytes, list[int]] = {}
+    preview: set[int] = set()  # patches decoded from fewer levels: no pixel checksum applies
     for i, blob in enumerate(blobs):
         try:
             header, payload = fmt.unpack(blob)
@@ -170,14 +202,32 @@ def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: i
             pending.setdefault(header.weights_id, []).append(i)
     for weights_id, indices in pending.items():
         coding_model = get_model(model, device, weights=weights_id)
+        if levels is not None and levels < coding_model.config.levels:
+            preview.update(indices)
         for start in range(0, len(indices), max(1, batch_size)):
             chunk = indices[start:start + batch_size]
-            pixels, errors = _decode_idf(coding_model, [payloads[i] for i in chunk])
+            pixels, errors = _decode_idf(coding_model, [payloads[i] for i in chunk],
+                                         [headers[i].version for i in chunk], levels)
             if errors:
                 j = min(errors)
                 raise CorruptPatchError(f"patch {chunk[j]} is damaged: {errors[j]}")
             out[chunk] = pixels
     for i, header in enumerate(headers):
-        if fmt.pixel_checksum(out[i]) != header.crc32c:
+        if i not in preview and fmt.pixel_checksum(out[i]) != header.crc32c:
             raise CorruptPatchError(f"patch {i} is damaged: pixel checksum (CRC32C) mismatch")
     return out
+
+
+def preview_prefix(blob_head: bytes | memoryview, levels: int) -> int | None:
+    """How many leading bytes of a stored patch ``decode_patches(levels=levels)`` needs.
+
+    ``blob_head`` is the patch's first bytes (64 always suffice); returns -1 when the whole
+    patch is needed (deflate, raw, version 1, or all levels), None when the head is too short.
+    """
+    if len(blob_head) < fmt.HEADER.size:
+        return None
+    header, payload = fmt.unpack(bytes(blob_head[:fmt.HEADER.size]) + b"\0")
+    if header.mode != fmt.Mode.IDF or header.version == 1:
+        return -1
+    size = fmt.streams_prefix(blob_head[fmt.HEADER.size:], levels)
+    return size if size is None or size < 0 else fmt.HEADER.size + size

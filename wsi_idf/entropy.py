@@ -29,6 +29,8 @@ class TableModels:
         probs = freq.astype(np.float64) / 2**PROB_BITS  # exact: dyadic rationals
         self.models = [constriction.stream.model.Categorical(p, perfect=False) for p in probs]
         self.bits = -np.log2(probs)  # information content, for NLL reports only
+        # the most likely value of each row, as an offset from its centre (progressive previews)
+        self.mode_offsets = np.argmax(freq[:, : 2 * self.window + 1], axis=1).astype(np.int64) - self.window
 
     def ideal_bits(self, values: np.ndarray, rows: np.ndarray, centres: np.ndarray) -> float:
         """Code length the tables assign to ``values`` (what an ideal entropy coder would write)."""

@@ -70,12 +70,19 @@ def unpack_archive(path: str | Path, out: str | Path, overwrite: bool = False, p
             "bytes": out.stat().st_size}
 
 
-def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, width: int, height: int) -> dict:
-    """One region of one level as PNG (or TIFF for a .tif/.tiff name); decodes only the patches it touches."""
+def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, width: int, height: int,
+                 levels: int | None = None) -> dict:
+    """One region of one level as PNG (or TIFF for a .tif/.tiff name); decodes only the patches it touches.
+    ``levels`` < the model's gives a progressive preview from fewer bytes."""
     archive = open_archive(path)
     if not 0 <= level < len(archive.levels):
         raise ArchiveError(f"level {level} does not exist; the archive has levels 0..{len(archive.levels) - 1}")
-    pixels = archive.region(level, x, y, width, height)
+    bytes_read = None
+    if levels is not None:
+        from .progressive import read_region
+        pixels, bytes_read = read_region(archive.path, level, x, y, width, height, levels)
+    else:
+        pixels = archive.region(level, x, y, width, height)
     out = Path(out)
     if out.suffix.lower() in {".tif", ".tiff"}:
         import tifffile
@@ -84,7 +91,7 @@ def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, 
         from PIL import Image
         Image.fromarray(pixels).save(out)
     return {"archive": str(archive.path), "out": str(out), "level": level, "x": x, "y": y, "width": width,
-            "height": height}
+            "height": height, "flow_levels": levels, "bytes_read": bytes_read}
 
 
 def archive_info(path: str | Path) -> dict:

@@ -2,14 +2,21 @@
 
     offset  size  field
     0       2     magic b"WI"
-    2       1     format version (1)
+    2       1     format version (1 or 2)
     3       1     mode: 0 raw, 1 IDF, 2 deflate
     4       4     first 4 bytes of the model file's sha256 (model id + weights hash)
     8       4     CRC32C of the raw pixels (C order, (3, 80, 80) uint8), little-endian
     12      ...   payload: raw bytes; rANS words (uint32 little-endian); or a zlib stream
 
-The IDF payload is the rANS stack of, from the first popped: the top latents, then the
+Version 1 IDF payload: one rANS stack of, from the first popped: the top latents, then the
 factored-out latents of each level from the coarsest to the finest.
+
+Version 2 IDF payload (progressive): one rANS stream per flow level, coarsest first, so that a
+prefix of the bytes decodes the coarse levels alone::
+
+    0       1     S, the number of streams (the flow's levels)
+    1       4(S-1)  word counts of streams 1..S-1 (uint32 little-endian); the last takes the rest
+    ...           the streams' words: top latents, then each split level from the coarsest
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from .config import CHANNELS, PATCH
 from .errors import CorruptPatchError
 
 MAGIC = b"WI"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; every version in READABLE_VERSIONS is read
+READABLE_VERSIONS = (1, 2)
 HEADER = struct.Struct("<2sBB4sI")
 RAW_BYTES = CHANNELS * PATCH * PATCH
 
@@ -41,6 +49,7 @@ class PatchHeader:
     mode: Mode
     weights_id: bytes
     crc32c: int
+    version: int = FORMAT_VERSION
 
 
 def pixel_checksum(patch: np.ndarray) -> int:
@@ -58,14 +67,14 @@ def unpack(blob: bytes) -> tuple[PatchHeader, memoryview]:
     magic, version, mode, weights_id, crc = HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise CorruptPatchError("not a wsi-idf patch (bad magic bytes): the chunk is damaged or not wsi_idf data")
-    if version != FORMAT_VERSION:
-        raise CorruptPatchError(f"patch format version {version} is newer than this wsi-idf reads "
-                                f"({FORMAT_VERSION}): upgrade wsi-idf")
+    if version not in READABLE_VERSIONS:
+        raise CorruptPatchError(f"patch format version {version} is not one this wsi-idf reads "
+                                f"({', '.join(map(str, READABLE_VERSIONS))}): damaged, or newer (upgrade wsi-idf)")
     try:
         mode = Mode(mode)
     except ValueError:
         raise CorruptPatchError(f"unknown patch mode {mode}: the chunk is damaged") from None
-    return PatchHeader(mode, bytes(weights_id), crc), blob[HEADER.size:]
+    return PatchHeader(mode, bytes(weights_id), crc, version), blob[HEADER.size:]
 
 
 def encode_plain(patch: np.ndarray, weights_id: bytes, crc: int) -> bytes:
@@ -89,3 +98,42 @@ def decode_plain(header: PatchHeader, payload: memoryview) -> np.ndarray:
     if len(raw) != RAW_BYTES:
         raise CorruptPatchError(f"patch payload holds {len(raw)} bytes, expected {RAW_BYTES}: truncated or damaged")
     return np.frombuffer(raw, dtype=np.uint8).reshape(CHANNELS, PATCH, PATCH)
+
+
+def pack_streams(streams: list[np.ndarray]) -> bytes:
+    """A version 2 IDF payload: the stream count, the word counts of all but the last, the words."""
+    counts = [len(words) for words in streams[:-1]]
+    return (bytes([len(streams)]) + np.asarray(counts, dtype="<u4").tobytes()
+            + b"".join(np.asarray(words, dtype="<u4").tobytes() for words in streams))
+
+
+def streams_prefix(payload_head: bytes | memoryview, streams: int) -> int | None:
+    """Bytes of a version 2 IDF payload needed to decode its first ``streams`` streams (None: need more head)."""
+    if len(payload_head) < 1:
+        return None
+    total = payload_head[0]
+    table = 1 + 4 * (total - 1)
+    if len(payload_head) < table:
+        return None
+    counts = np.frombuffer(bytes(payload_head[1:table]), dtype="<u4").astype(np.int64)
+    return table + 4 * int(counts[:max(0, streams)].sum()) if streams < total else -1  # -1: all of it
+
+
+def unpack_streams(payload: memoryview, expected: int, needed: int) -> list[np.ndarray]:
+    """The first ``needed`` streams of a version 2 payload written for ``expected`` streams."""
+    if len(payload) < 1 or payload[0] != expected:
+        raise CorruptPatchError(f"progressive payload does not hold {expected} streams: the chunk is damaged")
+    table = 1 + 4 * (expected - 1)
+    if len(payload) < table:
+        raise CorruptPatchError("progressive payload is truncated inside its stream table")
+    counts = np.frombuffer(bytes(payload[1:table]), dtype="<u4").astype(np.int64)
+    body = len(payload) - table
+    if body % 4:
+        raise CorruptPatchError("progressive payload is not a whole number of rANS words: it is damaged")
+    words = np.frombuffer(bytes(payload[table:]), dtype="<u4")
+    ends = np.cumsum(counts)
+    if len(ends) and ends[-1] > len(words):
+        if needed == expected or ends[needed - 1] > len(words):
+            raise CorruptPatchError("progressive payload is shorter than its stream table says: it is damaged")
+    bounds = [0, *ends.tolist(), len(words)]
+    return [words[bounds[i]:bounds[i + 1]].astype(np.uint32) for i in range(needed)]
