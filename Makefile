@@ -8,7 +8,7 @@ DATA ?= $(if $(WSI_IDF_DATA),$(WSI_IDF_DATA),../shared/data)
 SLIDE ?= $(DATA)/slides/cmu-1-small-region.svs
 WSI := $(VENV)/bin/wsi-idf
 
-.PHONY: demo test test-slow bench bench-pack bench-scale clean-venv
+.PHONY: demo test test-slow bench bench-pack bench-scale bench-progressive clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench: $(STAMP)  ## codec benchmark table against JPEG XL, JPEG 2000, WebP, JPEG
 
 bench-pack: $(STAMP)  ## whole slides through the Dask pipeline: time, size, peak memory
 	$(PY) benchmarks/bench_pack.py --out results
+
+bench-progressive: $(STAMP)  ## a 2048x2048 real region from 1, 2, 3 flow levels: bytes read, time, PSNR, strip
+	$(PY) benchmarks/bench_progressive.py --out results
 
 GIGAPIXELS ?= 4
 bench-scale: $(STAMP)  ## a generated 4-gigapixel slide of real tissue: Mpx/s per stage, peak RSS per process
