@@ -11,7 +11,7 @@ from numcodecs.compat import ensure_contiguous_ndarray, ndarray_copy
 
 from .coding import decode_patches, encode_patches
 from .config import CHANNELS, PATCH
-from .errors import InvalidPatchError
+from .errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
 from .model_file import CodingModel
 from .patch_format import RAW_BYTES
 from .registry import DEFAULT_MODEL, get_model
@@ -57,7 +57,7 @@ class WsiIdf(Codec):
 
     def decode(self, buf, out=None):
         data = bytes(ensure_contiguous_ndarray(buf)) if not isinstance(buf, bytes) else buf
-        patch = decode_patches([data], model=self.coding_model)[0]
+        patch = self.decode_many([data])[0]
         return ndarray_copy(patch, out) if out is not None else patch
 
     def encode_many(self, patches: np.ndarray) -> list[bytes]:
@@ -66,7 +66,12 @@ class WsiIdf(Codec):
 
     def decode_many(self, blobs: list[bytes]) -> np.ndarray:
         """Decode many chunks in one batch: (N, 3, 80, 80) uint8."""
-        return decode_patches(blobs, model=self.coding_model)
+        try:
+            return decode_patches(blobs, model=self.coding_model)
+        except WeightsMismatchError as exc:
+            # the array pins its weights, so a chunk naming others has a damaged header
+            raise CorruptPatchError(f"a chunk names other weights than its array ({exc}): the chunk is "
+                                    "damaged") from None
 
     def __reduce__(self):  # pickle the configuration, not the loaded model (Dask ships codecs to workers)
         return type(self), (self.model, self.weights)
