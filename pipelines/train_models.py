@@ -2,7 +2,7 @@
 
     python pipelines/train_models.py fast max --minutes 60 --out checkpoints/
     python pipelines/train_models.py max --device cuda --scheduler tcp://gpu-node:8786 --out /shared/ckpt
-    python pipelines/train_models.py fast --init-from wsi_idf/weights/fast-29461924.safetensors \\
+    python pipelines/train_models.py fast --init-from wsi_idf/weights/fast-01b41279.safetensors \\
         --data /lab/slides --out finetuned/
 
 Each model trains with ``wsi_idf.training.train_model``: resumable checkpoints (run again to

@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resumable checkpoints in --out (run again to continue), then export the exact "
                                    "integer coding model and prove it round-trips on the validation patches.\n\n"
                                    "Fine-tune a shipped model on a lab's own slides:\n"
-                                   "  wsi-idf train fast --init-from wsi_idf/weights/fast-29461924.safetensors "
+                                   "  wsi-idf train fast --init-from wsi_idf/weights/fast-01b41279.safetensors "
                                    "--data /lab/slides --minutes 60 --out finetuned/")
     p.add_argument("model", help="registered configuration (fast, max); the name of the exported file")
     p.add_argument("--data", action="append", type=Path, default=None,

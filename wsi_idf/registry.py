@@ -33,7 +33,7 @@ class ModelEntry:
 
 MODELS: dict[str, ModelEntry] = {
     entry.name: entry for entry in [
-        ModelEntry("fast", IDFConfig(levels=3, steps=4, width=32, blocks=1, seed=0), "fast-29461924.safetensors",
+        ModelEntry("fast", IDFConfig(levels=3, steps=4, width=32, blocks=1, seed=0), "fast-01b41279.safetensors",
                    "small ResNet couplings; decodes region reads on a CPU"),
         ModelEntry("max", IDFConfig(levels=3, steps=8, width=96, blocks=2, seed=1), "max-c2b8d2d9.safetensors",
                    "best compression; meant for GPU packing"),
