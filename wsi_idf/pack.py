@@ -227,8 +227,8 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
             if not resumed or not (root / "0").exists():
                 create_levels(root, slide, model_entry.name, weights, shard, zarr_format)
             with runner(scheduler, workers, device, resources) as run:
-                records = run_shards(run, slide, root, model_entry.name, weights, device, shard, zarr_format,
-                                     progress)
+                records, stats = run_shards(run, slide, root, model_entry.name, weights, device, shard,
+                                            zarr_format, progress)
             associated = write_associated(root, slide, drop_label, zarr_format)
             preview_levels = write_preview(root, slide, zarr_format, source.stem, slide.info.mpp)
             sha256 = source_hash.result()
@@ -266,16 +266,15 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
     (root / PLAN_FILE).unlink(missing_ok=True)
     finish(root, out)
     summary = summarize(out, meta, slide, time.perf_counter() - t0, resumed)
-    stats = records["__stats__"]
     summary["stage_seconds"] = {k: round(v, 2) for k, v in stats.items() if k != "workers"}
     summary["workers"] = sorted(str(w) for w in stats["workers"] if w is not None)
     return summary
 
 
 def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, device: str, shard: int,
-               zarr_format: int, progress: bool) -> dict[str, dict]:
-    """Encode every shard not yet recorded; return the records of all shards by name, and under
-    ``__stats__`` the seconds per stage summed over the tasks run now and the workers that ran them."""
+               zarr_format: int, progress: bool) -> tuple[dict[str, dict], dict]:
+    """Encode every shard not yet recorded; return the records of all shards by name, and the
+    seconds per stage summed over the tasks run now with the workers that ran them."""
     job = ShardJob(slide.ref, str(root.resolve()), model, weights, device, shard, zarr_format, run.torch_threads)
     records: dict[str, dict] = {}
     todo: list[ShardBox] = []
@@ -294,8 +293,7 @@ def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, 
             stats[key] += seconds
         stats["workers"].add(record.pop("worker"))
         records[record["shard"]] = record
-    records["__stats__"] = stats
-    return records
+    return records, stats
 
 
 def finish(root: Path, out: Path) -> None:
