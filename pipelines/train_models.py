@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("checkpoints"))
     parser.add_argument("--init-from", type=Path, default=None, help="a model file to continue or fine-tune")
     parser.add_argument("--export-only", action="store_true", help="export the checkpoint as it is, no training")
+    parser.add_argument("--no-export", action="store_true", help="train and checkpoint only")
+    parser.add_argument("--quantize-from", type=int, default=0,
+                        help="step from which training is quantization-aware (float before it)")
+    parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--scheduler", default=None, help="run each model as a task on this Dask cluster")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -44,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     settings = TrainSettings(steps=0 if args.export_only else args.steps, batch_size=args.batch_size, lr=args.lr,
-                             eval_every=50, time_limit_s=args.minutes * 60 if args.minutes else None)
+                             eval_every=args.eval_every, quantize_from=args.quantize_from,
+                             time_limit_s=args.minutes * 60 if args.minutes else None)
     data = args.data or [data_dir() / "tiles" / "train"]
     val = args.val or [data_dir() / "tiles" / "val"]
     jobs = [dict(name=name, data=data, out=args.out, val=val, settings=settings, init_from=args.init_from,
-                 device=args.device) for name in args.models]
+                 device=args.device, export=not args.no_export) for name in args.models]
     if args.scheduler:
         from distributed import Client
         with Client(args.scheduler) as client:

@@ -69,3 +69,48 @@ def forward(path: str, x: np.ndarray):
             rows.append(scale_index * 8 + (mean_q & 7))
             z = unshuffle(keep)
     return outs, rows, centres, z
+
+
+# model v2: YCoCg-R and 5/3 lifting in int64 (floor division by 2 and 4 as arithmetic shifts)
+V2_STEPS = (((0, 2), (1, 3), 3, "predict"), ((1, 3), (0, 2), 3, "update"),
+            ((0, 1), (2, 3), 2, "predict"), ((2, 3), (0, 1), 2, "update"))
+
+
+def _shifted(a: np.ndarray, axis: int, forward: bool) -> np.ndarray:
+    n = a.shape[axis]
+    idx = np.minimum(np.arange(n) + 1, n - 1) if forward else np.maximum(np.arange(n) - 1, 0)
+    return np.take(a, idx, axis=axis)
+
+
+def forward_wavelet(path: str, x: np.ndarray):
+    """Model v2: uint8 patches -> (outs, rows, centres, top), all int64."""
+    t = load_file(path)
+    with safe_open(path, framework="numpy") as f:
+        cfg = json.loads(f.metadata()["wsi_idf"])["config"]
+    r, g, b = (x[:, i:i + 1].astype(np.int64) for i in range(3))
+    co = r - b
+    tmp = b + (co >> 1)
+    cg = g - tmp
+    z = np.concatenate([tmp + (cg >> 1) - 128, co, cg], axis=1)
+    outs, rows, centres = [], [], []
+    for level in range(cfg["levels"]):
+        u = unshuffle(z)  # channel c * 4 + phase
+        ph = [u[:, p::4] for p in range(4)]
+        for step, (src, tgt, axis, kind) in enumerate(V2_STEPS):
+            sources = np.concatenate([ph[k] for k in src], axis=1)
+            learned = net(t, f"coupling.{level}.{step}", cfg["blocks"], sources)
+            for i, k in enumerate(tgt):
+                s = ph[src[i]]
+                fixed = -((s + _shifted(s, axis, True)) >> 1) if kind == "predict" else (
+                    (_shifted(s, axis, False) + s + 2) >> 2)
+                ph[k] = ph[k] + fixed + learned[:, 3 * i:3 * i + 3]
+        if level < cfg["levels"] - 1:
+            p = net(t, f"prior.{level}", cfg["prior_blocks"], ph[0])
+            mean_q, scale_index = p[:, :9], p[:, 9:]
+            outs.append(np.concatenate(ph[1:], axis=1))
+            centres.append(mean_q >> 3)
+            rows.append(scale_index * 8 + (mean_q & 7))
+            z = ph[0]
+        else:
+            z = np.concatenate(ph, axis=1)
+    return outs, rows, centres, z

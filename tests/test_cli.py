@@ -12,7 +12,17 @@ from wsi_idf.cli import main
 def test_models_json(capsys):
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["name"] for r in rows} >= {"fast", "max"} and all(r["installed"] for r in rows)
+    assert all(r["installed"] for r in rows)
+    registered = [r for r in rows if r["status"] == "registered"]
+    assert [r["name"] for r in registered if r["default"]] == ["fast"]
+    assert all(r["measured"]["val_bpsp"] > 0 and r["measured"]["decode_mpx_s"] > 0 for r in registered)
+    assert {r["weights"] for r in rows} >= {"fast-01b41279.safetensors", "max-c2b8d2d9.safetensors"}
+
+
+def test_models_table_prints_numbers_not_adjectives(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "bits/sub-pixel" in out and "decode Mpx/s" in out and "retired" in out
 
 
 def test_demo_json(capsys):

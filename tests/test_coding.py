@@ -15,7 +15,7 @@ import wsi_idf
 from conftest import DATA, HARD_KINDS, NO_DATA, hard_patch
 from wsi_idf import CorruptPatchError, InvalidPatchError, WeightsMismatchError, decode_patches, encode_patches
 from wsi_idf import patch_format as fmt
-from wsi_idf.registry import MODELS, WEIGHTS_DIR
+from wsi_idf.registry import MODELS, RETIRED, WEIGHTS_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures" / "format_v1"
 
@@ -57,9 +57,10 @@ def test_batch_size_does_not_change_bytes(val_patches):
     assert encode_patches(val_patches[:6], batch_size=1) == encode_patches(val_patches[:6], batch_size=256)
 
 
-def test_both_models_roundtrip(val_patches):
-    for name in MODELS:
-        blobs = encode_patches(val_patches[:3], model=name)
+def test_every_shipped_model_roundtrips(val_patches):
+    """Registered models and retired weights (still read by hash) alike."""
+    for weights in sorted({e.weights for e in (*MODELS.values(), *RETIRED)}):
+        blobs = encode_patches(val_patches[:3], model=WEIGHTS_DIR / weights)
         np.testing.assert_array_equal(decode_patches(blobs), val_patches[:3])  # model found from the bytes
 
 
@@ -109,7 +110,7 @@ def test_header_damage_has_clear_messages(val_patches):
 
 def test_weights_mismatch_refuses(val_patches, tmp_path):
     blob = encode_patches(val_patches[:1], model="fast")[0]
-    other = WEIGHTS_DIR / MODELS["max"].weights
+    other = WEIGHTS_DIR / RETIRED[-1].weights
     with pytest.raises(WeightsMismatchError, match="other weights"):
         decode_patches([blob], model=str(other))
     unknown = blob[:4] + b"\xde\xad\xbe\xef" + blob[8:]
@@ -148,10 +149,10 @@ print('ok')
     assert _run(decode, 2).strip() == "ok"
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_committed_fixture_bytes_decode(tmp_path, version):
-    """Bytes written by earlier versions decode to the same pixels forever (the format is a promise)."""
-    folder = FIXTURES.parent / f"format_v{version}"
+@pytest.mark.parametrize("folder, version", [("format_v1", 1), ("format_v2", 2), ("model_v2", 2)])
+def test_committed_fixture_bytes_decode(tmp_path, folder, version):
+    """Bytes written by earlier versions and models decode to the same pixels forever (a promise)."""
+    folder = FIXTURES.parent / folder
     manifest = json.loads((folder / "manifest.json").read_text())
     for item in manifest:
         blob = (folder / item["file"]).read_bytes()

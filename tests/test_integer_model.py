@@ -8,7 +8,10 @@ import torch
 import int_reference
 from wsi_idf.coding import ideal_bits
 from wsi_idf.model_file import load_float_model
-from wsi_idf.registry import MODELS, get_model
+from wsi_idf.config import WaveletConfig
+from wsi_idf.registry import MODELS, RETIRED, WEIGHTS_DIR, get_model
+
+SHIPPED = sorted({e.weights for e in (*MODELS.values(), *RETIRED)})
 
 
 def torch_forward(model, x):
@@ -17,13 +20,14 @@ def torch_forward(model, x):
     return [ints(o) for o in outs], [ints(p.rows) for p in priors], [ints(p.centres) for p in priors], ints(top)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_matches_int64_reference(name, val_patches, hard_patches):
-    model = get_model(name)
+@pytest.mark.parametrize("weights", SHIPPED)
+def test_matches_int64_reference(weights, val_patches, hard_patches):
+    model = get_model(WEIGHTS_DIR / weights)
     rng = np.random.default_rng(1)
     x = np.concatenate([val_patches[:4], hard_patches, rng.integers(0, 256, (2, 3, 80, 80), dtype=np.uint8)])
     got = torch_forward(model, x)
-    want = int_reference.forward(str(model.path), x)
+    reference = int_reference.forward_wavelet if isinstance(model.config, WaveletConfig) else int_reference.forward
+    want = reference(str(model.path), x)
     for g, w in zip(got, want):
         for a, b in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
             np.testing.assert_array_equal(a, b)
@@ -38,15 +42,58 @@ def test_batch_size_does_not_change_latents(val_patches):
         np.testing.assert_array_equal(alone[0][0][0], together[0][0][i])
 
 
-def test_inverse_undoes_forward(val_patches):
+def test_thread_count_does_not_change_latents(val_patches):
     model = get_model()
-    outs, priors, top = model.flow.forward(torch.from_numpy(val_patches[:4]))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch_forward(model, val_patches[:8])
+        torch.set_num_threads(max(2, threads))
+        many = torch_forward(model, val_patches[:8])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("weights", [MODELS["fast"].weights, RETIRED[0].weights])
+def test_inverse_undoes_forward(val_patches, hard_patches, weights):
+    model = get_model(WEIGHTS_DIR / weights)
+    x = np.concatenate([val_patches[:4], hard_patches])
+    outs, priors, top = model.flow.forward(torch.from_numpy(x))
     z = top
     for level in reversed(range(model.config.levels)):
         if level < model.config.levels - 1:
-            z = torch.cat([z, outs[level]], dim=1)
-        z = torch.nn.functional.pixel_shuffle(model.flow.inverse_level(level, z), 2)
-    np.testing.assert_array_equal((z + 128).numpy().astype(np.uint8), val_patches[:4])
+            z = torch.cat([z, outs[level].to(z.dtype)], dim=1)
+        z = model.flow.decode_level(level, z)
+    np.testing.assert_array_equal(model.flow.to_pixels(z).numpy().astype(np.uint8), x)
+
+
+def lift_53(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """JPEG 2000's reversible 5/3 along ``axis`` with whole-sample symmetric extension: (low, high)."""
+    x = np.moveaxis(x, axis, -1).astype(np.int64)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    right = np.concatenate([even[..., 1:], even[..., -1:]], axis=-1)  # x[2n+2], x[N] = x[N-2]
+    high = odd - (even + right) // 2
+    left = np.concatenate([high[..., :1], high[..., :-1]], axis=-1)  # d[-1] = d[0]
+    low = even + (left + high + 2) // 4
+    return np.moveaxis(low, -1, axis), np.moveaxis(high, -1, axis)
+
+
+def test_untrained_v2_flow_is_the_integer_5_3_wavelet(tmp_path, val_patches):
+    """Zero-initialized residuals: the v2 flow starts as JPEG 2000's reversible transform in YCoCg-R."""
+    from wsi_idf.model_file import export_model, load_coding_model, new_float_model
+    model = load_coding_model(export_model(new_float_model(WaveletConfig()), tmp_path, "untrained"))
+    outs, _, _, _ = torch_forward(model, val_patches[:2])
+    r, g, b = (val_patches[:2, i].astype(np.int64) for i in range(3))
+    co = r - b
+    t = b + co // 2
+    cg = g - t
+    image = np.stack([t + cg // 2 - 128, co, cg], axis=1)
+    low_h, high_h = lift_53(image, axis=3)  # rows first
+    (hl, hh), (_, lh) = lift_53(high_h, axis=2), lift_53(low_h, axis=2)  # then columns
+    np.testing.assert_array_equal(outs[0], np.concatenate([hl, lh, hh], axis=1))
 
 
 def test_integer_model_codes_close_to_float_model(val_patches):

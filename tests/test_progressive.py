@@ -15,6 +15,7 @@ from wsi_idf.cli import main
 from wsi_idf.coding import preview_prefix
 from wsi_idf.pack import pack_slide
 from wsi_idf.progressive import read_region
+from wsi_idf.registry import RETIRED, WEIGHTS_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -28,7 +29,7 @@ def cut(blobs: list[bytes], levels: int) -> list[bytes]:
     return [b if (n := preview_prefix(b[:64], levels)) < 0 else b[:n] for b in blobs]
 
 
-@pytest.mark.parametrize("model", ["fast", "max"])
+@pytest.mark.parametrize("model", ["fast", str(WEIGHTS_DIR / RETIRED[0].weights)])
 def test_previews_improve_with_levels_and_all_levels_is_lossless(val_patches, model):
     blobs = encode_patches(val_patches[:8], model=model)
     assert all(fmt.unpack(b)[0].version == 2 for b in blobs)

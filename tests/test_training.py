@@ -49,3 +49,31 @@ def test_train_cli_fine_tunes_and_proves_the_exported_model(tmp_path, capsys):
     capsys.readouterr()
     log = [json.loads(line) for line in (out / "fast.log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 5
+
+
+def test_recipe_float_then_quantized_with_ema_and_resumable_optimizer(tmp_path):
+    """Float steps, then quantization-aware ones; the checkpoint holds weights, EMA, best EMA and the
+    optimizer's moments, so a second run continues the same run instead of re-warming."""
+    import torch
+    from safetensors.torch import load_file
+    from wsi_idf.config import WaveletConfig
+    from wsi_idf.data import grid_patches, load_tiles
+    from wsi_idf.flow import QuantNet
+    from wsi_idf.training import TrainSettings, train
+    from wsi_idf.wavelet_flow import WaveletIDF
+    tiles = load_tiles(DATA / "tiles" / "val" / "cryonuseg")
+    val = grid_patches(tiles)[:4]
+    ckpt, log = tmp_path / "v2.ckpt.safetensors", []
+    settings = TrainSettings(steps=4, batch_size=4, eval_every=2, quantize_from=2, warmup=2, align=8)
+    best = train(WaveletIDF(WaveletConfig()), tiles, val, settings, checkpoint=ckpt, log=log.append)
+    assert [r["quantized"] for r in log if "val_bpsp" in r] == [False, True]
+    assert all(m.quantize for m in best.modules() if isinstance(m, QuantNet))  # QAT weights are what ships
+    state = load_file(str(ckpt))
+    assert int(state["step"]) == 4 and any(k.startswith("optim.") and k.endswith("exp_inf") for k in state)
+    assert {k.split(".")[0] for k in state} >= {"model", "ema", "best", "optim", "step", "best_val"}
+    moments = state["optim.0.exp_avg"].clone()
+    model = WaveletIDF(WaveletConfig())
+    train(model, tiles, val, TrainSettings(steps=6, batch_size=4, eval_every=2, quantize_from=2), checkpoint=ckpt,
+          log=log.append)
+    assert [r["step"] for r in log if "val_bpsp" in r] == [2, 4, 6] and log[-1]["lr"] == TrainSettings().lr_at(5)
+    assert not torch.equal(load_file(str(ckpt))["optim.0.exp_avg"], moments)

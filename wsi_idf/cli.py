@@ -36,16 +36,22 @@ EXIT_VERIFY_FAILED = 3
 
 def cmd_models(args: argparse.Namespace) -> int:
     from dataclasses import asdict
-    from .registry import DEFAULT_MODEL, MODELS, WEIGHTS_DIR
-    rows = [{"name": e.name, "default": e.name == DEFAULT_MODEL, "weights": e.weights,
-             "installed": (WEIGHTS_DIR / e.weights).exists(), "config": asdict(e.config),
-             "description": e.description} for e in MODELS.values()]
+    from .registry import DEFAULT_MODEL, MODELS, RETIRED, WEIGHTS_DIR
+    rows = [{"name": e.name, "default": e.name == DEFAULT_MODEL and e in MODELS.values(),
+             "status": "registered" if e in MODELS.values() else "retired: decodes old archives only",
+             "weights": e.weights, "installed": (WEIGHTS_DIR / e.weights).exists(), "config": asdict(e.config),
+             "description": e.description, "measured": asdict(e.measured) if e.measured else None}
+            for e in (*MODELS.values(), *RETIRED)]
     if args.json:
         print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            mark = "*" if r["default"] else " "
-            print(f"{mark} {r['name']:6s} {r['weights']:28s} {r['description']}")
+        return 0
+    print("  name  weights                       bits/sub-pixel (val)  x JPEG XL e9  held-out  decode Mpx/s (2 threads)")
+    for r in rows:
+        m = r["measured"]
+        numbers = (f"{m['val_bpsp']:20.3f}  {m['jxl_e9_ratio']:12.3f}  {m['heldout_bpsp']:8.3f}  "
+                   f"{m['decode_mpx_s']:8.2f}" if m else f"{'not measured':>20s}")
+        print(f"{'*' if r['default'] else ' '} {r['name']:5s} {r['weights']:29s} {numbers}")
+        print(f"        {r['description']}" + ("" if r["status"] == "registered" else f" ({r['status']})"))
     return 0
 
 

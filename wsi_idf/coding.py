@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import patch_format as fmt
 from .config import CHANNELS, PATCH
-from .entropy import pop, push
+from .entropy import LATENT_RANGE, pop, push
 from .errors import CorruptPatchError, InvalidPatchError
 from .model_file import CodingModel
 from .registry import entropy_tables, get_model
@@ -41,8 +41,14 @@ def _top_priors(model: CodingModel, top_shape: Sequence[int]) -> tuple[np.ndarra
 
 
 def _idf_payload(model: CodingModel, outs, priors, top: np.ndarray, i: int,
-                 top_priors: tuple[np.ndarray, np.ndarray]) -> bytes:
-    """A version 2 (progressive) payload: one rANS stream per level, the top latents first."""
+                 top_priors: tuple[np.ndarray, np.ndarray]) -> bytes | None:
+    """A version 2 (progressive) payload: one rANS stream per level, the top latents first.
+
+    None when a latent leaves the range escapes can hold (only adversarial content gets there):
+    the patch is then stored plain.
+    """
+    if any(np.abs(a[i]).max() > LATENT_RANGE for a in (top, *outs)):
+        return None
     split_tables, top_tables = entropy_tables(model)
     coder = constriction.stream.stack.AnsCoder()
     push(coder, top_tables, top[i].ravel(), *top_priors)
@@ -83,8 +89,9 @@ def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int 
             crc = fmt.pixel_checksum(patch)
             payload = _idf_payload(coding_model, outs, priors, top, i, top_priors)
             # deflate costs ~0.4 ms a patch and wins on flat or synthetic content
-            blobs.append(min(fmt.pack(fmt.Mode.IDF, coding_model.weights_id, crc, payload),
-                             fmt.encode_plain(patch, coding_model.weights_id, crc), key=len))
+            plain = fmt.encode_plain(patch, coding_model.weights_id, crc)
+            blobs.append(plain if payload is None else
+                         min(fmt.pack(fmt.Mode.IDF, coding_model.weights_id, crc, payload), plain, key=len))
         timings["entropy_s"] = timings.get("entropy_s", 0.0) + time.perf_counter() - t1
     return blobs
 
@@ -143,25 +150,24 @@ def _decode_idf(model: CodingModel, payloads: list[memoryview], versions: list[i
                 errors[i] = f"rANS stream is damaged ({exc})"
         return values.reshape(shape)
 
-    side = PATCH // 2**cfg.levels
-    top_shape = (cfg.level_channels()[-1], side, side)
+    top_shape = flow.top_shape
     rows, centres = (np.broadcast_to(a, (len(coders), a.size)) for a in _top_priors(model, top_shape))
-    floats = lambda a: torch.from_numpy(a.astype(np.float32)).to(flow.device)  # exact: |latents| < 2**15
+    floats = lambda a: torch.from_numpy(a.astype(np.float32)).to(flow.device)  # exact: |latents| <= 2**15
     ints = lambda t: t.reshape(len(coders), -1).cpu().numpy().astype(np.int64)
     z = floats(pop_all(0, top_tables, rows, centres, (len(coders), *top_shape)))
     stream = 1
     for level in reversed(range(cfg.levels)):
         if level < cfg.levels - 1:
             params = flow.split_params_for(level, z)
-            split_rows, split_centres = ints(params.rows), ints(params.centres)
+            split_rows, split_centres, shape = ints(params.rows), ints(params.centres), tuple(params.rows.shape)
             if stream < needed:
-                out = pop_all(stream, split_tables, split_rows, split_centres, tuple(z.shape))
+                out = pop_all(stream, split_tables, split_rows, split_centres, shape)
             else:  # not decoded: the prior's most likely value
-                out = (split_centres + split_tables.mode_offsets[split_rows]).reshape(tuple(z.shape))
+                out = (split_centres + split_tables.mode_offsets[split_rows]).reshape(shape)
             stream += 1
-            z = torch.cat([z, floats(out)], dim=1)
-        z = F.pixel_shuffle(flow.inverse_level(level, z), 2)
-    pixels = (z + 128).cpu().numpy().astype(np.int64)
+            z = torch.cat([z, floats(out).to(z.dtype)], dim=1)
+        z = flow.decode_level(level, z)
+    pixels = flow.to_pixels(z).cpu().numpy().astype(np.int64)
     if needed < cfg.levels:
         return pixels.clip(0, 255).astype(np.uint8), errors
     for i, patch_coders in enumerate(coders):

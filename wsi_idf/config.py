@@ -59,3 +59,31 @@ class IDFConfig:
             side //= 2
         if self.levels * self.steps * T_MAX + 256 >= 2 ** (ESCAPE_BITS - 1):
             raise ValueError("too many coupling steps: latents could leave the escape range")
+
+
+@dataclass(frozen=True)
+class WaveletConfig:
+    """Shape of a wavelet-initialized IDF (model v2): YCoCg-R, then per level the four 5/3 lifting
+    steps as additive couplings with learned residuals, and the three high bands factored out.
+
+    The last level keeps all four bands (12 channels) under the top prior.
+    """
+
+    levels: int = 3
+    width: int = 32  # hidden channels of each coupling's residual network
+    blocks: int = 1
+    prior_width: int = 32  # hidden channels of each split prior's network
+    prior_blocks: int = 1
+
+    kind = "wavelet"  # not a field: stored as the model file's flow kind
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @property
+    def top_channels(self) -> int:
+        return CHANNELS * 4
+
+    def check(self) -> None:
+        if self.levels < 1 or PATCH % 2**self.levels:
+            raise ValueError(f"{self.levels} levels do not divide a {PATCH}px patch")

@@ -56,15 +56,18 @@ def grid_patches(tiles: list[np.ndarray], limit: int | None = None) -> np.ndarra
     return np.ascontiguousarray(out[:limit])
 
 
-def random_crops(tiles: list[np.ndarray], count: int, rng: np.random.Generator) -> np.ndarray:
-    """Random 80x80 crops with random flips and 90-degree rotations, as (count, 3, 80, 80) uint8."""
+def random_crops(tiles: list[np.ndarray], count: int, rng: np.random.Generator, align: int = 1) -> np.ndarray:
+    """Random 80x80 crops with random flips and 90-degree rotations, as (count, 3, 80, 80) uint8.
+
+    ``align`` puts crop corners on that grid (8: the JPEG block grid, which a multiple-of-8 patch
+    keeps under flips and rotations)."""
     sizes = np.array([t.shape[0] * t.shape[1] for t in tiles], dtype=np.float64)
     picks = rng.choice(len(tiles), size=count, p=sizes / sizes.sum())
     out = np.empty((count, 3, PATCH, PATCH), dtype=np.uint8)
     for i, k in enumerate(picks):
         tile = tiles[k]
-        y = rng.integers(0, tile.shape[0] - PATCH + 1)
-        x = rng.integers(0, tile.shape[1] - PATCH + 1)
+        y = rng.integers(0, (tile.shape[0] - PATCH) // align + 1) * align
+        x = rng.integers(0, (tile.shape[1] - PATCH) // align + 1) * align
         crop = np.rot90(tile[y:y + PATCH, x:x + PATCH], k=int(rng.integers(4)))
         if rng.integers(2):
             crop = crop[:, ::-1]

@@ -15,6 +15,7 @@ from .config import ESCAPE_BITS, PROB_BITS
 
 _ESCAPE_MODEL = constriction.stream.model.Uniform(2**ESCAPE_BITS)
 _ESCAPE_OFFSET = 2 ** (ESCAPE_BITS - 1)
+LATENT_RANGE = _ESCAPE_OFFSET - 1  # |value| the escape symbols can hold
 
 
 class TableModels:

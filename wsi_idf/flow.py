@@ -74,7 +74,11 @@ class QuantConv(nn.Conv2d):
         s = self.weight_scale().to(dtype).view(-1, 1, 1, 1)
         return torch.clamp(torch.round(self.weight.detach().to(dtype) / s), -WEIGHT_LEVELS, WEIGHT_LEVELS)
 
+    quantize = True  # False during float warm-up training: plain float weights
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantize:
+            return F.conv2d(x, self.weight, self.bias, padding=self.padding)
         q = self.integer_weight() * self.weight_scale().view(-1, 1, 1, 1)
         return F.conv2d(x, self.weight + (q - self.weight).detach(), self.bias, padding=self.padding)
 
@@ -97,11 +101,24 @@ class QuantNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
+    quantize = True  # False during float warm-up training: activations clamped, not rounded
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = quant_act(self.conv_in(quant_input(z)))
+        act = quant_act if self.quantize else (lambda h: h.clamp(0.0, ACT_MAX))
+        h = act(self.conv_in(quant_input(z)))
         for conv_a, conv_b in self.blocks:
-            h = quant_act(h + conv_b(quant_act(conv_a(h))))
+            h = act(h + conv_b(act(conv_a(h))))
         return self.conv_out(h)
+
+
+def set_quantized(model: nn.Module, quantize: bool) -> None:
+    """Switch every quantization-aware network of ``model`` between float and QAT behaviour.
+
+    Float warm-up learns faster per step; QAT fine-tuning then closes the gap to the integer model.
+    """
+    for module in model.modules():
+        if isinstance(module, (QuantConv, QuantNet)):
+            module.quantize = quantize
 
 
 def logistic_logp(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, IDFConfig
+from .config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, PATCH, IDFConfig
 
 EXACT_FLOAT32 = 2**24
 
@@ -110,6 +110,15 @@ class SplitParams:
     centres: torch.Tensor  # integers, floor(mean)
 
 
+def split_params(prior: IntNet, keep: torch.Tensor) -> SplitParams:
+    """The split prior's table rows and window centres for the latents factored out beside ``keep``."""
+    out = prior(keep)
+    half = out.shape[1] // 2
+    mean_q, scale_index = out[:, :half], out[:, half:]
+    centres = torch.floor(mean_q / MEAN_STEPS)  # exact: division by a power of two
+    return SplitParams(scale_index * MEAN_STEPS + (mean_q - centres * MEAN_STEPS), centres)
+
+
 class IntegerIDF:
     """Forward (pixels -> latents) and inverse (latents -> pixels) in exact integer arithmetic."""
 
@@ -122,12 +131,17 @@ class IntegerIDF:
         self.couplings = [[net.to(self.device) for net in level] for level in couplings]
         self.split_priors = [net.to(self.device) for net in split_priors]
 
+    @property
+    def levels(self) -> int:
+        return self.cfg.levels
+
+    @property
+    def top_shape(self) -> tuple[int, int, int]:
+        side = PATCH // 2**self.cfg.levels
+        return (self.cfg.level_channels()[-1], side, side)
+
     def split_params(self, level: int, keep: torch.Tensor) -> SplitParams:
-        out = self.split_priors[level](keep)
-        half = out.shape[1] // 2
-        mean_q, scale_index = out[:, :half], out[:, half:]
-        centres = torch.floor(mean_q / MEAN_STEPS)  # exact: division by a power of two
-        return SplitParams(scale_index * MEAN_STEPS + (mean_q - centres * MEAN_STEPS), centres)
+        return split_params(self.split_priors[level], keep)
 
     def _couple(self, level: int, z: torch.Tensor, inverse: bool) -> torch.Tensor:
         steps = range(self.cfg.steps)
@@ -169,3 +183,11 @@ class IntegerIDF:
     def split_params_for(self, level: int, keep: torch.Tensor) -> SplitParams:
         with exact_kernels():
             return self.split_params(level, keep)
+
+    def decode_level(self, level: int, z: torch.Tensor) -> torch.Tensor:
+        """All latents of ``level`` (kept channels first) -> the level's input image."""
+        return F.pixel_shuffle(self.inverse_level(level, z), 2)
+
+    @staticmethod
+    def to_pixels(z: torch.Tensor) -> torch.Tensor:
+        return z + 128

@@ -18,13 +18,17 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, NUM_SCALES, T_MAX, IDFConfig
+from .config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, NUM_SCALES, T_MAX, IDFConfig, WaveletConfig
 from .errors import WeightsMismatchError, WsiIdfError
 from .flow import IDF, QuantConv, QuantNet
 from .integer_flow import IntConv, IntegerIDF, IntNet
+from .integer_wavelet import IntegerWaveletIDF
+from .lifting import LIFTING_STEPS
 from .tables import split_table, top_table
+from .wavelet_flow import HIGH_CHANNELS, STEP_CHANNELS, WaveletIDF
 
-FILE_FORMAT = "wsi-idf-model/1"
+FILE_FORMAT = "wsi-idf-model/1"  # model v1: the IDF with random permutations
+FILE_FORMAT_WAVELET = "wsi-idf-model/2"  # model v2: the wavelet-initialized flow
 LATENT_LIMIT = 2**15 * MEAN_STEPS
 
 
@@ -49,16 +53,7 @@ def _export_net(net: QuantNet, prefix: str, lo: np.ndarray, hi: np.ndarray) -> d
     return tensors
 
 
-def export_model(model: IDF, directory: str | Path, name: str) -> Path:
-    """Write ``{name}-{sha256[:8]}.safetensors`` with the integer coding model; return its path.
-
-    The float weights are kept in float16 (for fine-tuning) and the integer model is derived
-    from exactly those values, so exporting a loaded file reproduces it byte for byte.
-    """
-    model = copy.deepcopy(model).cpu()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(param.half().float())
+def _idf_tensors(model: IDF) -> dict[str, np.ndarray]:
     cfg = model.cfg
     tensors: dict[str, np.ndarray] = {}
     for level, c in enumerate(cfg.level_channels()):
@@ -68,12 +63,45 @@ def export_model(model: IDF, directory: str | Path, name: str) -> Path:
             tensors.update(_export_net(model.couplings[level][step], f"coupling.{level}.{step}",
                                        np.full(half, -T_MAX), np.full(half, T_MAX)))
         if level < cfg.levels - 1:
-            lo = np.concatenate([np.full(half, -LATENT_LIMIT), np.zeros(half)])
-            hi = np.concatenate([np.full(half, LATENT_LIMIT), np.full(half, NUM_SCALES - 1)])
-            tensors.update(_export_net(model.split_priors[level], f"prior.{level}", lo, hi))
+            tensors.update(_export_net(model.split_priors[level], f"prior.{level}", *_prior_bounds(half)))
     tensors["split_freq"] = split_table()
+    return tensors
+
+
+def _wavelet_tensors(model: WaveletIDF) -> dict[str, np.ndarray]:
+    tensors: dict[str, np.ndarray] = {}
+    for level, nets in enumerate(model.couplings):
+        for step, net in enumerate(nets):
+            tensors.update(_export_net(net, f"coupling.{level}.{step}", np.full(STEP_CHANNELS, -T_MAX),
+                                       np.full(STEP_CHANNELS, T_MAX)))
+    for level, net in enumerate(model.split_priors):
+        tensors.update(_export_net(net, f"prior.{level}", *_prior_bounds(HIGH_CHANNELS)))
+    tensors["split_freq"] = split_table(deterministic=True)
+    return tensors
+
+
+def _prior_bounds(channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clamp bounds of a split prior's outputs: means (in 1/MEAN_STEPS), then scale indices."""
+    lo = np.concatenate([np.full(channels, -LATENT_LIMIT), np.zeros(channels)])
+    hi = np.concatenate([np.full(channels, LATENT_LIMIT), np.full(channels, NUM_SCALES - 1)])
+    return lo, hi
+
+
+def export_model(model: IDF | WaveletIDF, directory: str | Path, name: str) -> Path:
+    """Write ``{name}-{sha256[:8]}.safetensors`` with the integer coding model; return its path.
+
+    The float weights are kept in float16 (for fine-tuning) and the integer model is derived
+    from exactly those values, so exporting a loaded file reproduces it byte for byte.
+    """
+    model = copy.deepcopy(model).cpu()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())
+    wavelet = isinstance(model, WaveletIDF)
+    tensors = _wavelet_tensors(model) if wavelet else _idf_tensors(model)
     centres, freq = top_table(*(p.detach().double().cpu().numpy()
-                                for p in (model.top_mean, model.top_log_scale, model.top_logits)))
+                                for p in (model.top_mean, model.top_log_scale, model.top_logits)),
+                              deterministic=wavelet)
     tensors["top_centre"], tensors["top_freq"] = centres, freq
     for key, value in model.state_dict().items():
         if not key.startswith("perm_"):
@@ -81,9 +109,13 @@ def export_model(model: IDF, directory: str | Path, name: str) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{name}.tmp.safetensors"
+    meta = {"format": FILE_FORMAT_WAVELET if wavelet else FILE_FORMAT, "name": name,
+            "config": json.loads(model.cfg.to_json())}
+    if wavelet:
+        meta["flow"] = WaveletConfig.kind
     # one metadata key: safetensors keeps metadata in a hash map, so several keys come out in random order
-    header = json.dumps({"format": FILE_FORMAT, "name": name, "config": json.loads(cfg.to_json())}, sort_keys=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata={"wsi_idf": header})
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+              metadata={"wsi_idf": json.dumps(meta, sort_keys=True)})
     path = directory / f"{name}-{file_sha256(tmp)[:8]}.safetensors"
     tmp.replace(path)
     return path
@@ -103,8 +135,8 @@ class CodingModel:
 
     name: str
     sha256: str
-    config: IDFConfig
-    flow: IntegerIDF
+    config: IDFConfig | WaveletConfig
+    flow: IntegerIDF | IntegerWaveletIDF
     split_freq: np.ndarray  # int32 (NUM_SCALES * MEAN_STEPS, 2W+2)
     top_centre: np.ndarray  # int64 (C_top,)
     top_freq: np.ndarray  # int32 (C_top, 2W+2)
@@ -136,38 +168,55 @@ def verify_file_hash(path: Path) -> str:
     return digest
 
 
+def _config(path: Path, meta: dict) -> IDFConfig | WaveletConfig:
+    if meta.get("format") == FILE_FORMAT:
+        return IDFConfig(**meta["config"])
+    if meta.get("format") == FILE_FORMAT_WAVELET and meta.get("flow") == WaveletConfig.kind:
+        return WaveletConfig(**meta["config"])
+    raise WsiIdfError(f"{path.name} is not a wsi-idf model file this version reads "
+                      f"({FILE_FORMAT} or {FILE_FORMAT_WAVELET}); it says {meta.get('format')!r}")
+
+
 def load_coding_model(path: str | Path, device: str | torch.device = "cpu") -> CodingModel:
     path = Path(path)
     digest = verify_file_hash(path)
     tensors, meta = _read(path)
-    if meta.get("format") != FILE_FORMAT:
-        raise WsiIdfError(f"{path.name} is not a {FILE_FORMAT} model file")
-    cfg = IDFConfig(**meta["config"])
+    cfg = _config(path, meta)
 
-    def net(prefix: str) -> IntNet:
-        n_layers = 2 + 2 * cfg.blocks
+    def net(prefix: str, blocks: int) -> IntNet:
         layers = []
-        for i in range(n_layers):
+        for i in range(2 + 2 * blocks):
             key = f"{prefix}.{i}"
             layers.append(IntConv.build(tensors[f"{key}.weight"], tensors[f"{key}.bias"], tensors[f"{key}.shift"],
                                         max_input=max(-IN_MIN, IN_MAX) if i == 0 else ACT_LEVELS,
                                         lo=tensors.get(f"{key}.lo"), hi=tensors.get(f"{key}.hi")))
         return IntNet(layers)
 
-    perms = [[tensors[f"perm.{lv}.{st}"] for st in range(cfg.steps)] for lv in range(cfg.levels)]
-    couplings = [[net(f"coupling.{lv}.{st}") for st in range(cfg.steps)] for lv in range(cfg.levels)]
-    priors = [net(f"prior.{lv}") for lv in range(cfg.levels - 1)]
-    flow = IntegerIDF(cfg, perms, couplings, priors, device)
+    if isinstance(cfg, WaveletConfig):
+        couplings = [[net(f"coupling.{lv}.{st}", cfg.blocks) for st in range(len(LIFTING_STEPS))]
+                     for lv in range(cfg.levels)]
+        priors = [net(f"prior.{lv}", cfg.prior_blocks) for lv in range(cfg.levels - 1)]
+        flow = IntegerWaveletIDF(cfg, couplings, priors, device)
+    else:
+        perms = [[tensors[f"perm.{lv}.{st}"] for st in range(cfg.steps)] for lv in range(cfg.levels)]
+        couplings = [[net(f"coupling.{lv}.{st}", cfg.blocks) for st in range(cfg.steps)] for lv in range(cfg.levels)]
+        priors = [net(f"prior.{lv}", cfg.blocks) for lv in range(cfg.levels - 1)]
+        flow = IntegerIDF(cfg, perms, couplings, priors, device)
     return CodingModel(meta.get("name", path.stem), digest, cfg, flow, tensors["split_freq"],
                        tensors["top_centre"], tensors["top_freq"], path)
 
 
-def load_float_model(path: str | Path) -> IDF:
+def new_float_model(config: IDFConfig | WaveletConfig) -> IDF | WaveletIDF:
+    """An untrained float model of a configuration (v1 IDF or v2 wavelet flow)."""
+    return WaveletIDF(config) if isinstance(config, WaveletConfig) else IDF(config)
+
+
+def load_float_model(path: str | Path) -> IDF | WaveletIDF:
     """The float (trainable) model stored in a model file, e.g. to fine-tune it on a lab's slides."""
     path = Path(path)
     verify_file_hash(path)
     tensors, meta = _read(path)
-    model = IDF(IDFConfig(**meta["config"]))
+    model = new_float_model(_config(path, meta))
     state = {k[len("float."):]: torch.from_numpy(v.astype(np.float32)) for k, v in tensors.items()
              if k.startswith("float.")}
     state.update({k: v for k, v in model.state_dict().items() if k.startswith("perm_")})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import IDFConfig
+from .config import IDFConfig, WaveletConfig
 from .entropy import TableModels
 from .errors import UnknownModelError, WeightsMismatchError
 from .model_file import CodingModel, load_coding_model
@@ -20,11 +20,23 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)
+class Measured:
+    """What ``make bench`` measured for a model file (648 val patches, 2 CPU threads)."""
+
+    val_bpsp: float  # bits per sub-pixel actually written
+    jxl_e9_ratio: float  # val_bpsp / JPEG XL e9's in the same run
+    heldout_bpsp: float  # on patches of the two real SVS slides (other scanners, never trained on)
+    decode_mpx_s: float  # megapixels per second decoded on 2 CPU threads
+    date: str
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
-    config: IDFConfig
+    config: IDFConfig | WaveletConfig
     weights: str  # file name in WEIGHTS_DIR
     description: str
+    measured: Measured | None = None
 
     @property
     def weights_id(self) -> bytes:
@@ -33,12 +45,22 @@ class ModelEntry:
 
 MODELS: dict[str, ModelEntry] = {
     entry.name: entry for entry in [
-        ModelEntry("fast", IDFConfig(levels=3, steps=4, width=32, blocks=1, seed=0), "fast-01b41279.safetensors",
-                   "small ResNet couplings; decodes region reads on a CPU"),
-        ModelEntry("max", IDFConfig(levels=3, steps=8, width=96, blocks=2, seed=1), "max-c2b8d2d9.safetensors",
-                   "best compression; meant for GPU packing"),
+        ModelEntry("fast", WaveletConfig(levels=3, width=32, blocks=1, prior_width=32, prior_blocks=1),
+                   "fast-9bfcb074.safetensors",
+                   "model v2: YCoCg-R + 5/3 wavelet lifting with learned residuals, width 32"),
     ]
 }
+# Weights of earlier versions, no longer written but decoded forever: archives name the
+# weights they were written with. Looked up by the hash in each patch header.
+RETIRED: tuple[ModelEntry, ...] = (
+    ModelEntry("fast", IDFConfig(levels=3, steps=4, width=32, blocks=1, seed=0), "fast-01b41279.safetensors",
+               "model v1 (wsi-idf 0.1, default until model v2)", Measured(3.745, 1.162, 2.805, 0.610, "2026-11-25")),
+    ModelEntry("fast", IDFConfig(levels=3, steps=4, width=32, blocks=1, seed=0), "fast-29461924.safetensors",
+               "model v1 (wsi-idf 0.1, first release)"),
+    ModelEntry("max", IDFConfig(levels=3, steps=8, width=96, blocks=2, seed=1), "max-c2b8d2d9.safetensors",
+               "model v1 (wsi-idf 0.1); compressed worse than fast, retired",
+               Measured(4.667, 1.448, 3.107, 0.060, "2026-11-25")),
+)
 DEFAULT_MODEL = "fast"
 
 _cache: dict[tuple[str, str], CodingModel] = {}

@@ -4,6 +4,7 @@ The coding model is derived afterwards by ``wsi_idf.model_file.export_model``.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -16,7 +17,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .data import random_crops
-from .flow import IDF
 
 logger = logging.getLogger("wsi_idf.training")
 
@@ -26,11 +26,20 @@ class TrainSettings:
     steps: int = 1000
     batch_size: int = 32
     lr: float = 1e-3
-    warmup: int = 50
+    warmup: int = 50  # steps of linear warm-up at the first start (optimizer state is checkpointed)
+    lr_half_life: int = 8000  # the learning rate halves every this many steps ...
+    lr_min: float = 5e-5  # ... down to this floor
+    ema_decay: float = 0.999  # validation, selection and export use the EMA of the weights
+    quantize_from: int = 0  # step from which training is quantization-aware (float before: faster learning)
     eval_every: int = 100
     seed: int = 0
     time_limit_s: float | None = None  # stop early (and checkpoint) after this long
+    cpu_limit_s: float | None = None  # or after this much process CPU time (same-budget comparisons)
+    align: int = 1  # crop corners on this grid (8: the JPEG block grid most slides were scanned with)
     background_weight: float = 0.25  # loss weight of background crops: archives hold them, but they are easy
+
+    def lr_at(self, step: int) -> float:
+        return max(self.lr_min, self.lr * 0.5 ** (step / self.lr_half_life)) * min(1.0, (step + 1) / self.warmup)
 
 
 def background_mask(patches: np.ndarray) -> np.ndarray:
@@ -81,18 +90,19 @@ class CropSource:
             raise ValueError("no training data: no tiles and no slides")
         self.slide_share = slide_px / (tile_px + slide_px)
 
-    def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
+    def sample(self, count: int, rng: np.random.Generator, align: int = 1) -> np.ndarray:
         from_slides = int(rng.binomial(count, self.slide_share)) if self.slides else 0
         parts = []
         if count - from_slides:
-            parts.append(random_crops(self.tiles, count - from_slides, rng))
+            parts.append(random_crops(self.tiles, count - from_slides, rng, align))
         if from_slides:
             parts.append(self.slides.sample(from_slides, rng))
         return np.concatenate(parts)
 
 
-def evaluate(model: IDF, patches: np.ndarray, batch_size: int = 64) -> float:
+def evaluate(model: torch.nn.Module, patches: np.ndarray, batch_size: int = 64) -> float:
     """Float model NLL on fixed patches, in bits per sub-pixel."""
+    was_training = model.training
     model.eval()
     total = 0.0
     with torch.no_grad():
@@ -100,62 +110,134 @@ def evaluate(model: IDF, patches: np.ndarray, batch_size: int = 64) -> float:
         for start in range(0, len(patches), batch_size):
             nll, _ = model(torch.from_numpy(patches[start:start + batch_size]).to(device))
             total += float(nll.sum())
-    model.train()
+    model.train(was_training)
     return total / (len(patches) * patches[0].size)
 
 
-def train(model: IDF, tiles: list[np.ndarray] | CropSource, val_patches: np.ndarray, settings: TrainSettings,
-          checkpoint: str | Path | None = None, device: str = "cpu",
-          log: Callable[[dict], None] | None = None) -> IDF:
-    """Train ``model`` in place on random crops of ``tiles`` (or a ``CropSource`` of tiles and slides);
-    resume from ``checkpoint`` if it exists. Background crops weigh ``settings.background_weight``."""
+class EMA:
+    """Exponential moving average of a model's weights (what is validated, selected and exported)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval()
+        for p in self.shadow.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, updates: int) -> None:
+        decay = min(self.decay, (1 + updates) / (10 + updates))  # short memory while the run is young
+        for ema_p, p in zip(self.shadow.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - decay)
+
+
+def train(model: torch.nn.Module, tiles: list[np.ndarray] | CropSource, val_patches: np.ndarray,
+          settings: TrainSettings, checkpoint: str | Path | None = None, device: str = "cpu",
+          log: Callable[[dict], None] | None = None) -> torch.nn.Module:
+    """Train ``model`` on random crops of ``tiles`` (or a ``CropSource`` of tiles and slides); resume
+    from ``checkpoint`` if it exists. Returns the EMA model with the best validation NLL seen so far.
+
+    Float until ``settings.quantize_from``, quantization-aware after; learning rate with warm-up
+    and exponential decay; the checkpoint holds the weights, their EMA, the best EMA, the
+    optimizer's moments and the step, so a restart continues the same run.
+    """
+    from .flow import set_quantized
     source = tiles if isinstance(tiles, CropSource) else CropSource(tiles)
     model.to(device).train()
     optimizer = torch.optim.Adamax(model.parameters(), lr=settings.lr)
-    step = 0
+    ema = EMA(model, settings.ema_decay)
+    best, best_val, step = copy.deepcopy(ema.shadow), float("inf"), 0
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt and ckpt.exists():
-        state = load_file(str(ckpt))
-        model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
-        step = int(state["step"].item())
+        step, best_val = load_checkpoint(ckpt, model, ema.shadow, best, optimizer)
     rng = np.random.default_rng(settings.seed + step)
-    started, first_step = time.monotonic(), step
+    if log:
+        log({"event": "start", "step": step})  # CPU clocks in later records restart here
+    started, cpu_started = time.monotonic(), time.process_time()
     while step < settings.steps:
-        # warm up at every (re)start: the optimizer's moments are not checkpointed
-        lr = settings.lr * min(1.0, (step - first_step + 1) / settings.warmup)
+        quantize = step >= settings.quantize_from
+        for m in (model, ema.shadow, best):
+            set_quantized(m, quantize)
+        lr = settings.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        crops = source.sample(settings.batch_size, rng)
+        crops = source.sample(settings.batch_size, rng, settings.align)
         weights = torch.from_numpy(np.where(background_mask(crops), settings.background_weight, 1.0)).to(device)
         nll, _ = model(torch.from_numpy(crops).to(device))
-        loss = (IDF.bits_per_subpixel(nll) * weights).sum() / weights.sum()
+        loss = (model.bits_per_subpixel(nll) * weights).sum() / weights.sum()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         optimizer.step()
+        ema.update(model, step)
         step += 1
-        timed_out = settings.time_limit_s is not None and time.monotonic() - started > settings.time_limit_s
+        timed_out = (settings.time_limit_s is not None and time.monotonic() - started > settings.time_limit_s
+                     or settings.cpu_limit_s is not None and time.process_time() - cpu_started > settings.cpu_limit_s)
         if step % settings.eval_every == 0 or step == settings.steps or timed_out:
-            record = {"step": step, "train_bpsp": loss.item(), "lr": lr,
-                      "elapsed_s": round(time.monotonic() - started, 1)}
+            record = {"step": step, "train_bpsp": round(loss.item(), 5), "lr": lr, "quantized": quantize,
+                      "elapsed_s": round(time.monotonic() - started, 1), "cpu_s": round(time.process_time(), 1)}
             if len(val_patches):
-                record["val_bpsp"] = evaluate(model, val_patches)
+                record["val_bpsp"] = round(evaluate(ema.shadow, val_patches), 5)
+                if record["val_bpsp"] < best_val or quantize and not best_is_quantized(best):
+                    best_val = record["val_bpsp"]
+                    best.load_state_dict(ema.shadow.state_dict())
+                    set_quantized(best, quantize)
+                record["best_val_bpsp"] = round(best_val, 5)
             if log:
                 log(record)
             if ckpt:
-                save_checkpoint(model, step, ckpt)
+                save_checkpoint(ckpt, step, model, ema.shadow, best, best_val, optimizer)
         if timed_out:
             break
-    return model
+    if not len(val_patches):
+        return ema.shadow
+    return best
 
 
-def save_checkpoint(model: IDF, step: int, path: Path) -> None:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def best_is_quantized(model: torch.nn.Module) -> bool:
+    """Whether a kept model was selected during the quantization-aware stage (float ones then give way)."""
+    from .flow import QuantNet
+    return all(m.quantize for m in model.modules() if isinstance(m, QuantNet))
+
+
+def save_checkpoint(path: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module, best: torch.nn.Module,
+                    best_val: float, optimizer: torch.optim.Optimizer) -> None:
+    tensors = {}
+    for prefix, m in (("model", model), ("ema", ema), ("best", best)):
+        tensors.update({f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in m.state_dict().items()})
+    for i, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     tensors["step"] = torch.tensor([step])
+    tensors["best_val"] = torch.tensor([best_val], dtype=torch.float64)
+    tensors["best_quantized"] = torch.tensor([int(best_is_quantized(best))])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"config": model.cfg.to_json()})
+    save_file(tensors, str(tmp), metadata={"config": model.cfg.to_json(), "kind": model_kind(model)})
     tmp.replace(path)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.Module, best: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+    """Restore a checkpoint into the given objects; return (step, best validation). Checkpoints of
+    wsi-idf 0.1 hold only the weights: EMA and best start from them, the optimizer afresh."""
+    from .flow import set_quantized
+    state = load_file(str(path))
+    weights = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
+    model.load_state_dict(weights)
+    for prefix, m in (("ema", ema), ("best", best)):
+        m.load_state_dict({k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")} or weights)
+    set_quantized(best, bool(state.get("best_quantized", torch.tensor([0])).item()))
+    optim_state = optimizer.state_dict()
+    for key, value in state.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            optim_state["state"].setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict(optim_state)
+    return int(state["step"].item()), float(state["best_val"].item()) if "best_val" in state else float("inf")
+
+
+def model_kind(model: torch.nn.Module) -> str:
+    return getattr(model.cfg, "kind", "idf")
 
 
 def log_to(path: str | Path) -> Callable[[dict], None]:
@@ -196,17 +278,18 @@ def _is_pyramid(path: Path) -> bool:
 
 def train_model(name: str, data: list[Path], out: Path, val: list[Path] | None = None,
                 settings: TrainSettings | None = None, init_from: Path | None = None, device: str = "cpu",
-                val_patches: int = 128) -> dict:
+                val_patches: int = 256, export: bool = True) -> dict:
     """Train a registered configuration (or fine-tune a model file) and export its exact coding model.
 
     Checkpoints to ``out/{name}.ckpt.safetensors`` (rerun to continue), logs train and validation
     bits per sub-pixel to ``out/{name}.log.jsonl``, exports ``out/{name}-{sha8}.safetensors``, and
     proves on the validation patches that the integer model round-trips exactly. Returns a summary
-    with the float NLL and the bits the coding model actually writes.
+    with the float NLL and the bits the coding model actually writes. The exported weights are the
+    EMA with the best validation NLL seen (``export=False`` only trains and checkpoints).
     """
     from .coding import decode_patches, encode_patches
     from .data import grid_patches
-    from .model_file import export_model, load_coding_model, load_float_model
+    from .model_file import export_model, load_coding_model, load_float_model, new_float_model
     from .registry import MODELS, entry
     settings = settings or TrainSettings()
     config = entry(name).config if name in MODELS or init_from is None else None
@@ -216,10 +299,12 @@ def train_model(name: str, data: list[Path], out: Path, val: list[Path] | None =
         raise ValueError(f"no tiles or slides found in {', '.join(map(str, data))}")
     holdout = grid_patches(val_tiles) if val_tiles else grid_patches(tiles[-max(1, len(tiles) // 10):])
     holdout = np.ascontiguousarray(holdout[:: max(1, len(holdout) // val_patches)][:val_patches])
-    model = load_float_model(init_from) if init_from else IDF(config)
+    model = load_float_model(init_from) if init_from else new_float_model(config)
     out.mkdir(parents=True, exist_ok=True)
-    train(model, CropSource(tiles, slides), holdout, settings, checkpoint=out / f"{name}.ckpt.safetensors",
-          device=device, log=log_to(out / f"{name}.log.jsonl"))
+    model = train(model, CropSource(tiles, slides), holdout, settings, checkpoint=out / f"{name}.ckpt.safetensors",
+                  device=device, log=log_to(out / f"{name}.log.jsonl"))
+    if not export:
+        return {"checkpoint": str(out / f"{name}.ckpt.safetensors"), "val_float_bpsp": round(evaluate(model, holdout), 4)}
     path = export_model(model.cpu(), out, name)
     coding = load_coding_model(path, "cpu")
     blobs = encode_patches(holdout, model=coding)
