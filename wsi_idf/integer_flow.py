@@ -89,7 +89,9 @@ class IntNet:
         return [self.conv_in, *[layer for block in self.blocks for layer in block], self.conv_out]
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z.clamp(IN_MIN, IN_MAX)).clamp_(0, ACT_LEVELS)
+        # channels-last runs these small convolutions ~1.5x faster on CPU; exact in any layout
+        z = z.clamp(IN_MIN, IN_MAX).contiguous(memory_format=torch.channels_last)
+        h = self.conv_in(z).clamp_(0, ACT_LEVELS)
         for conv_a, conv_b in self.blocks:
             h = conv_b(conv_a(h).clamp_(0, ACT_LEVELS)).add_(h).clamp_(0, ACT_LEVELS)
         return self.conv_out(h)

@@ -33,17 +33,18 @@ class IntegerWaveletIDF:
         side = PATCH // 2**self.cfg.levels
         return (self.cfg.top_channels, side, side)
 
-    def _translation(self, level: int, step: int, sources: torch.Tensor) -> torch.Tensor:
-        net = self.couplings[level][step](sources.float())  # exact: IntNet clamps its input to [-256, 255]
-        return lifting.step_fixed_term(sources, step) + net.double()
-
     def _lift(self, level: int, z: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """The level's four lifting couplings (or their inverse) on phase-major z (B, 12, h, w)."""
+        phases = list(z.split(CHANNELS, dim=1))
         steps = range(len(lifting.LIFTING_STEPS))
         for step in (reversed(steps) if inverse else steps):
-            sources, targets = lifting.split_step(z, step)
-            t = self._translation(level, step, sources)
-            z = lifting.join_step(sources, targets - t if inverse else targets + t, step)
-        return z
+            src, tgt, axis, kind = lifting.LIFTING_STEPS[step]
+            # exact: IntNet clamps its input to [-256, 255]
+            learned = self.couplings[level][step](torch.cat([phases[k] for k in src], dim=1).float()).double()
+            for i, (s, t) in enumerate(zip(src, tgt)):
+                shift = lifting.fixed_term(phases[s], axis, kind) + learned[:, CHANNELS * i:CHANNELS * (i + 1)]
+                phases[t] = phases[t] - shift if inverse else phases[t] + shift
+        return torch.cat(phases, dim=1)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[SplitParams], torch.Tensor]:
