@@ -23,9 +23,10 @@ from wsi_idf.data import data_dir, grid_patches, load_tiles
 from wsi_idf.training import CropSource, TrainSettings, evaluate, train
 from wsi_idf.wavelet_flow import WaveletIDF
 
-BASE = WaveletConfig(levels=3, width=32, blocks=1, prior_width=32, prior_blocks=1)
+BASE = WaveletConfig(levels=3, width=32, blocks=1, prior_width=32, prior_blocks=1, context_width=0)
 VARIANTS: dict[str, tuple[WaveletConfig, dict, str]] = {
     "baseline": (BASE, {}, "V2: 3 levels, couplings and priors width 32, float, EMA, random crops"),
+    "context": (replace(BASE, context_width=32), {}, "checkerboard context in the split priors (width 32)"),
     "priors64x2": (replace(BASE, prior_width=64, prior_blocks=2), {}, "capacity in the priors: width 64, 2 blocks"),
     "couplings48": (replace(BASE, width=48), {}, "capacity in the couplings: width 48"),
     "levels4": (replace(BASE, levels=4), {}, "4 levels (smaller top)"),

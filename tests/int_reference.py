@@ -105,9 +105,16 @@ def forward_wavelet(path: str, x: np.ndarray):
                     (_shifted(s, axis, False) + s + 2) >> 2)
                 ph[k] = ph[k] + fixed + learned[:, 3 * i:3 * i + 3]
         if level < cfg["levels"] - 1:
+            high = np.concatenate(ph[1:], axis=1)
             p = net(t, f"prior.{level}", cfg["prior_blocks"], ph[0])
+            if cfg["context_width"]:  # the odd checkerboard squares also see the even ones
+                i, j = np.indices(high.shape[2:])
+                even = (i + j) % 2 == 0
+                c = net(t, f"context.{level}", cfg["prior_blocks"], np.concatenate([ph[0], high * even], axis=1))
+                lo, hi = t[f"prior.{level}.{1 + 2 * cfg['prior_blocks']}.lo"], t[f"prior.{level}.{1 + 2 * cfg['prior_blocks']}.hi"]
+                p = np.where(even, p, np.clip(p + c, lo[None, :, None, None], hi[None, :, None, None]))
             mean_q, scale_index = p[:, :9], p[:, 9:]
-            outs.append(np.concatenate(ph[1:], axis=1))
+            outs.append(high)
             centres.append(mean_q >> 3)
             rows.append(scale_index * 8 + (mean_q & 7))
             z = ph[0]

@@ -185,6 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(args.threads)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+                             quantize_from=args.quantize_from, align=args.align,
                              time_limit_s=args.minutes * 60 if args.minutes else None)
     try:
         s = train_model(args.model, [Path(d) for d in data], args.out, val=[Path(v) for v in val] if val else None,
@@ -264,11 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a registered configuration on random 80x80 crops (flips, rotations; "
                                    "background crops down-weighted) of the tiles and slides in --data, with "
                                    "resumable checkpoints in --out (run again to continue), then export the exact "
-                                   "integer coding model and prove it round-trips on the validation patches.\n\n"
+                                   "integer coding model and prove it round-trips on the validation patches. "
+                                   "The exported weights are the moving average (EMA) with the best validation "
+                                   "bits seen; the checkpoint keeps the optimizer state, so a rerun continues the "
+                                   "same run.\n\n"
                                    "Fine-tune a shipped model on a lab's own slides:\n"
                                    "  wsi-idf train fast --init-from wsi_idf/weights/fast-01b41279.safetensors "
                                    "--data /lab/slides --minutes 60 --out finetuned/")
-    p.add_argument("model", help="registered configuration (fast, max); the name of the exported file")
+    p.add_argument("model", help="registered configuration (fast); the name of the exported file")
     p.add_argument("--data", action="append", type=Path, default=None,
                    help="folder (or file) of tiles and/or slides; repeatable (default: the shared train tiles)")
     p.add_argument("--val", action="append", type=Path, default=None,
@@ -280,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--quantize-from", type=int, default=0, metavar="STEP",
+                   help="train in float before this step, quantization-aware from it (default 0: QAT "
+                        "throughout, right for fine-tuning; from scratch, float first learns faster)")
+    p.add_argument("--align", type=int, default=1, help="crop corners on this grid (8: the JPEG block grid)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.set_defaults(func=cmd_train)

@@ -23,7 +23,7 @@ class WsiIdf(Codec):
     Parameters
     ----------
     model : str
-        A registered model name (``"fast"``, ``"max"``).
+        A registered model name (``"fast"``; see ``wsi-idf models``).
     weights : str, optional
         The sha256 of the model file. Stored in the array metadata; decoding refuses
         when the installed weights differ. Defaults to the installed weights.

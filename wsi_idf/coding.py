@@ -55,7 +55,9 @@ def _idf_payload(model: CodingModel, outs, priors, top: np.ndarray, i: int,
     streams = [coder.get_compressed()]
     for level in reversed(range(len(outs))):  # the coarsest split first
         coder = constriction.stream.stack.AnsCoder()
-        push(coder, split_tables, outs[level][i].ravel(), priors[level][0][i].ravel(), priors[level][1][i].ravel())
+        values, rows, centres = outs[level][i].ravel(), priors[level][0][i].ravel(), priors[level][1][i].ravel()
+        for mask in reversed(model.flow.pass_masks(outs[level].shape[1:])):  # a stack: the last pass first
+            push(coder, split_tables, values[mask], rows[mask], centres[mask])
         streams.append(coder.get_compressed())
     return fmt.pack_streams(streams)
 
@@ -159,13 +161,18 @@ def _decode_idf(model: CodingModel, payloads: list[memoryview], versions: list[i
     for level in reversed(range(cfg.levels)):
         if level < cfg.levels - 1:
             params = flow.split_params_for(level, z)
-            split_rows, split_centres, shape = ints(params.rows), ints(params.centres), tuple(params.rows.shape)
-            if stream < needed:
-                out = pop_all(stream, split_tables, split_rows, split_centres, shape)
-            else:  # not decoded: the prior's most likely value
-                out = (split_centres + split_tables.mode_offsets[split_rows]).reshape(shape)
+            shape = tuple(params.rows.shape)
+            out = np.zeros((len(coders), int(np.prod(shape[1:]))), dtype=np.int64)
+            for k, mask in enumerate(flow.pass_masks(shape[1:])):
+                if k:  # a later pass's priors see the latents of the earlier ones
+                    params = flow.split_params_for(level, z, floats(out.reshape(shape)))
+                rows, centres = ints(params.rows)[:, mask], ints(params.centres)[:, mask]
+                if stream < needed:
+                    out[:, mask] = pop_all(stream, split_tables, rows, centres, rows.shape)
+                else:  # not decoded: the prior's most likely value
+                    out[:, mask] = centres + split_tables.mode_offsets[rows]
             stream += 1
-            z = torch.cat([z, floats(out).to(z.dtype)], dim=1)
+            z = torch.cat([z, floats(out.reshape(shape)).to(z.dtype)], dim=1)
         z = flow.decode_level(level, z)
     pixels = flow.to_pixels(z).cpu().numpy().astype(np.int64)
     if needed < cfg.levels:

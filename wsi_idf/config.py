@@ -66,7 +66,9 @@ class WaveletConfig:
     """Shape of a wavelet-initialized IDF (model v2): YCoCg-R, then per level the four 5/3 lifting
     steps as additive couplings with learned residuals, and the three high bands factored out.
 
-    The last level keeps all four bands (12 channels) under the top prior.
+    The high bands' prior is a network on the low band; with ``context_width``, the half of the
+    positions on the odd checkerboard squares is coded second and its prior also sees the even
+    half (a two-pass spatial context). The last level keeps all four bands under the top prior.
     """
 
     levels: int = 3
@@ -74,6 +76,7 @@ class WaveletConfig:
     blocks: int = 1
     prior_width: int = 32  # hidden channels of each split prior's network
     prior_blocks: int = 1
+    context_width: int = 32  # checkerboard context network of each split prior (0: none)
 
     kind = "wavelet"  # not a field: stored as the model file's flow kind
 

@@ -114,7 +114,11 @@ class SplitParams:
 
 def split_params(prior: IntNet, keep: torch.Tensor) -> SplitParams:
     """The split prior's table rows and window centres for the latents factored out beside ``keep``."""
-    out = prior(keep)
+    return params_from_output(prior(keep))
+
+
+def params_from_output(out: torch.Tensor) -> SplitParams:
+    """Table rows and window centres from a prior network's output (means in 1/MEAN_STEPS, scale indices)."""
     half = out.shape[1] // 2
     mean_q, scale_index = out[:, :half], out[:, half:]
     centres = torch.floor(mean_q / MEAN_STEPS)  # exact: division by a power of two
@@ -182,9 +186,15 @@ class IntegerIDF:
             return self._couple(level, z.to(self.device, torch.float32), inverse=True)
 
     @torch.no_grad()
-    def split_params_for(self, level: int, keep: torch.Tensor) -> SplitParams:
+    def split_params_for(self, level: int, keep: torch.Tensor, first: torch.Tensor | None = None) -> SplitParams:
+        """Priors of the latents factored out at ``level``; v1 codes them in one pass (``first`` unused)."""
         with exact_kernels():
             return self.split_params(level, keep)
+
+    @staticmethod
+    def pass_masks(shape: tuple[int, ...]) -> list[np.ndarray]:
+        """Which of the factored-out latents (flattened ``shape``) each coding pass holds: v1 has one pass."""
+        return [np.ones(int(np.prod(shape)), dtype=bool)]
 
     def decode_level(self, level: int, z: torch.Tensor) -> torch.Tensor:
         """All latents of ``level`` (kept channels first) -> the level's input image."""

@@ -7,22 +7,25 @@ on every device, thread count and batch size.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import lifting
 from .config import CHANNELS, PATCH, WaveletConfig
-from .integer_flow import IntNet, SplitParams, exact_kernels, split_params
+from .integer_flow import IntNet, SplitParams, exact_kernels, params_from_output
+from .wavelet_flow import anchor_mask
 
 
 class IntegerWaveletIDF:
     """Forward (pixels -> latents) and inverse (latents -> pixels) of a v2 model, exactly."""
 
     def __init__(self, cfg: WaveletConfig, couplings: list[list[IntNet]], split_priors: list[IntNet],
-                 device: torch.device | str = "cpu"):
+                 context_priors: list[IntNet], device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.device = torch.device(device)
         self.couplings = [[net.to(self.device) for net in level] for level in couplings]
         self.split_priors = [net.to(self.device) for net in split_priors]
+        self.context_priors = [net.to(self.device) for net in context_priors]
 
     @property
     def levels(self) -> int:
@@ -55,16 +58,42 @@ class IntegerWaveletIDF:
             for level in range(self.cfg.levels):
                 z = self._lift(level, lifting.to_phases(z), inverse=False)
                 if level < self.cfg.levels - 1:
-                    low, high = z[:, :CHANNELS], z[:, CHANNELS:]
+                    low, high = z[:, :CHANNELS].float(), z[:, CHANNELS:]
+                    out = self._prior_output(level, low)
+                    if self.context_priors:
+                        first = anchor_mask(high.shape[-2:], self.device)
+                        out = torch.where(first, out, self._prior_output(level, low, high.float()))
                     outs.append(high)
-                    priors.append(split_params(self.split_priors[level], low.float()))
-                    z = low
+                    priors.append(params_from_output(out))
+                    z = z[:, :CHANNELS]
             return outs, priors, z
 
+    def _prior_output(self, level: int, low: torch.Tensor, high: torch.Tensor | None = None) -> torch.Tensor:
+        """The split prior's raw output; given ``high``, the second checkerboard pass's, which also
+        sees the first pass's latents (the other half of ``high`` is masked out, whatever it holds)."""
+        prior = self.split_priors[level]
+        out = prior(low)
+        if high is None:
+            return out
+        first = anchor_mask(high.shape[-2:], self.device)
+        context = self.context_priors[level](torch.cat([low, high * first], dim=1))
+        return torch.clamp(out + context, prior.conv_out.lo, prior.conv_out.hi)
+
     @torch.no_grad()
-    def split_params_for(self, level: int, low: torch.Tensor) -> SplitParams:
+    def split_params_for(self, level: int, low: torch.Tensor, first: torch.Tensor | None = None) -> SplitParams:
+        """Priors of the high bands of ``level``: of the first pass, or given its latents ``first``
+        (B, 9, h, w; other positions ignored), of the second."""
         with exact_kernels():
-            return split_params(self.split_priors[level], low.to(self.device, torch.float32))
+            low = low.to(self.device, torch.float32)
+            return params_from_output(self._prior_output(
+                level, low, None if first is None else first.to(self.device, torch.float32)))
+
+    def pass_masks(self, shape: tuple[int, ...]) -> list[np.ndarray]:
+        """Which of the high-band latents (flattened (9, h, w)) each coding pass holds, in decoding order."""
+        if not self.context_priors:
+            return [np.ones(int(np.prod(shape)), dtype=bool)]
+        first = np.broadcast_to(anchor_mask(shape[-2:]).numpy(), shape).ravel()
+        return [first, ~first]
 
     @torch.no_grad()
     def decode_level(self, level: int, z: torch.Tensor) -> torch.Tensor:

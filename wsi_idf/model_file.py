@@ -76,6 +76,8 @@ def _wavelet_tensors(model: WaveletIDF) -> dict[str, np.ndarray]:
                                        np.full(STEP_CHANNELS, T_MAX)))
     for level, net in enumerate(model.split_priors):
         tensors.update(_export_net(net, f"prior.{level}", *_prior_bounds(HIGH_CHANNELS)))
+    for level, net in enumerate(model.context_priors):  # outputs add to the prior's: the same units
+        tensors.update(_export_net(net, f"context.{level}", *_context_bounds(HIGH_CHANNELS)))
     tensors["split_freq"] = split_table(deterministic=True)
     return tensors
 
@@ -83,6 +85,13 @@ def _wavelet_tensors(model: WaveletIDF) -> dict[str, np.ndarray]:
 def _prior_bounds(channels: int) -> tuple[np.ndarray, np.ndarray]:
     """Clamp bounds of a split prior's outputs: means (in 1/MEAN_STEPS), then scale indices."""
     lo = np.concatenate([np.full(channels, -LATENT_LIMIT), np.zeros(channels)])
+    hi = np.concatenate([np.full(channels, LATENT_LIMIT), np.full(channels, NUM_SCALES - 1)])
+    return lo, hi
+
+
+def _context_bounds(channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clamp bounds of a context network's outputs: corrections to the prior's means and scale indices."""
+    lo = np.concatenate([np.full(channels, -LATENT_LIMIT), np.full(channels, -(NUM_SCALES - 1))])
     hi = np.concatenate([np.full(channels, LATENT_LIMIT), np.full(channels, NUM_SCALES - 1)])
     return lo, hi
 
@@ -196,7 +205,8 @@ def load_coding_model(path: str | Path, device: str | torch.device = "cpu") -> C
         couplings = [[net(f"coupling.{lv}.{st}", cfg.blocks) for st in range(len(LIFTING_STEPS))]
                      for lv in range(cfg.levels)]
         priors = [net(f"prior.{lv}", cfg.prior_blocks) for lv in range(cfg.levels - 1)]
-        flow = IntegerWaveletIDF(cfg, couplings, priors, device)
+        contexts = [net(f"context.{lv}", cfg.prior_blocks) for lv in range(cfg.levels - 1 if cfg.context_width else 0)]
+        flow = IntegerWaveletIDF(cfg, couplings, priors, contexts, device)
     else:
         perms = [[tensors[f"perm.{lv}.{st}"] for st in range(cfg.steps)] for lv in range(cfg.levels)]
         couplings = [[net(f"coupling.{lv}.{st}", cfg.blocks) for st in range(cfg.steps)] for lv in range(cfg.levels)]

@@ -45,8 +45,8 @@ class ModelEntry:
 
 MODELS: dict[str, ModelEntry] = {
     entry.name: entry for entry in [
-        ModelEntry("fast", WaveletConfig(levels=3, width=32, blocks=1, prior_width=32, prior_blocks=1),
-                   "fast-9bfcb074.safetensors",
+        ModelEntry("fast", WaveletConfig(levels=3, width=32, blocks=1, prior_width=32, prior_blocks=1, context_width=32),
+                   "fast-c6d9eff7.safetensors",
                    "model v2: YCoCg-R + 5/3 wavelet lifting with learned residuals, width 32"),
     ]
 }

@@ -223,9 +223,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.Module, be
     from .flow import set_quantized
     state = load_file(str(path))
     weights = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
-    model.load_state_dict(weights)
+    _load_weights(model, weights)
     for prefix, m in (("ema", ema), ("best", best)):
-        m.load_state_dict({k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")} or weights)
+        _load_weights(m, {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")} or weights)
     set_quantized(best, bool(state.get("best_quantized", torch.tensor([0])).item()))
     optim_state = optimizer.state_dict()
     for key, value in state.items():
@@ -234,6 +234,17 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.Module, be
             optim_state["state"].setdefault(int(i), {})[name] = value
     optimizer.load_state_dict(optim_state)
     return int(state["step"].item()), float(state["best_val"].item()) if "best_val" in state else float("inf")
+
+
+GROWABLE = ("context_priors.",)  # zero-initialized parts a checkpoint may lack: they start as no change
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint's weights; parts added since (``GROWABLE``) keep their zero initialization."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    wrong = [k for k in missing if not k.startswith(GROWABLE)] + list(unexpected)
+    if wrong:
+        raise ValueError(f"checkpoint does not fit this model: {', '.join(wrong[:5])}")
 
 
 def model_kind(model: torch.nn.Module) -> str:

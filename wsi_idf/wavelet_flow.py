@@ -31,6 +31,12 @@ def floor_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.floor(x) - x).detach()
 
 
+def anchor_mask(shape: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(h, w) bool: the even checkerboard squares, coded first (their prior sees only the low band)."""
+    i, j = torch.meshgrid(torch.arange(shape[0], device=device), torch.arange(shape[1], device=device), indexing="ij")
+    return (i + j) % 2 == 0
+
+
 class WaveletIDF(nn.Module):
     def __init__(self, cfg: WaveletConfig):
         super().__init__()
@@ -50,6 +56,12 @@ class WaveletIDF(nn.Module):
         self.top_mean = nn.Parameter(torch.linspace(-20, 20, TOP_MIXTURES).repeat(top, 1))
         self.top_log_scale = nn.Parameter(torch.full((top, TOP_MIXTURES), math.log(16.0)))
         self.top_logits = nn.Parameter(torch.zeros(top, TOP_MIXTURES))
+        # registered last, so that adding them to a trained model leaves its optimizer state in place;
+        # zero-initialized outputs: a model with context starts as the same model without it
+        self.context_priors = nn.ModuleList(
+            QuantNet(CHANNELS + HIGH_CHANNELS, 2 * HIGH_CHANNELS, cfg.context_width, cfg.prior_blocks,
+                     split_prior_units(HIGH_CHANNELS))
+            for _ in range(cfg.levels - 1 if cfg.context_width else 0))
 
     def lift(self, level: int, z: torch.Tensor) -> torch.Tensor:
         """The four lifting couplings of one level on phase-major z (B, 12, h, w)."""
@@ -70,6 +82,10 @@ class WaveletIDF(nn.Module):
             if level < self.cfg.levels - 1:
                 low, high = z[:, :CHANNELS], z[:, CHANNELS:]
                 params = self.split_priors[level](low)
+                if self.context_priors:  # the second checkerboard half also sees the first
+                    first = anchor_mask(high.shape[-2:], high.device)
+                    context = self.context_priors[level](torch.cat([low, high * first], dim=1))
+                    params = torch.where(first, params, params + context)
                 mean, u = params[:, :HIGH_CHANNELS], params[:, HIGH_CHANNELS:]
                 nll = nll - logistic_logp(high, mean, split_scale(u)).flatten(1).sum(1)
                 latents.append(high)
