@@ -165,7 +165,7 @@ def _decode_idf(model: CodingModel, payloads: list[memoryview], versions: list[i
             out = np.zeros((len(coders), int(np.prod(shape[1:]))), dtype=np.int64)
             for k, mask in enumerate(flow.pass_masks(shape[1:])):
                 if k:  # a later pass's priors see the latents of the earlier ones
-                    params = flow.split_params_for(level, z, floats(out.reshape(shape)))
+                    params = flow.split_params_for(level, z, floats(out.reshape(shape)), params)
                 rows, centres = ints(params.rows)[:, mask], ints(params.centres)[:, mask]
                 if stream < needed:
                     out[:, mask] = pop_all(stream, split_tables, rows, centres, rows.shape)

@@ -110,6 +110,7 @@ class SplitParams:
 
     rows: torch.Tensor  # integers, scale_index * MEAN_STEPS + mean_fraction
     centres: torch.Tensor  # integers, floor(mean)
+    output: torch.Tensor | None = None  # the prior network's raw output, reused by a later coding pass
 
 
 def split_params(prior: IntNet, keep: torch.Tensor) -> SplitParams:
@@ -122,7 +123,7 @@ def params_from_output(out: torch.Tensor) -> SplitParams:
     half = out.shape[1] // 2
     mean_q, scale_index = out[:, :half], out[:, half:]
     centres = torch.floor(mean_q / MEAN_STEPS)  # exact: division by a power of two
-    return SplitParams(scale_index * MEAN_STEPS + (mean_q - centres * MEAN_STEPS), centres)
+    return SplitParams(scale_index * MEAN_STEPS + (mean_q - centres * MEAN_STEPS), centres, out)
 
 
 class IntegerIDF:
@@ -186,7 +187,8 @@ class IntegerIDF:
             return self._couple(level, z.to(self.device, torch.float32), inverse=True)
 
     @torch.no_grad()
-    def split_params_for(self, level: int, keep: torch.Tensor, first: torch.Tensor | None = None) -> SplitParams:
+    def split_params_for(self, level: int, keep: torch.Tensor, first: torch.Tensor | None = None,
+                         previous: SplitParams | None = None) -> SplitParams:
         """Priors of the latents factored out at ``level``; v1 codes them in one pass (``first`` unused)."""
         with exact_kernels():
             return self.split_params(level, keep)

@@ -62,17 +62,18 @@ class IntegerWaveletIDF:
                     out = self._prior_output(level, low)
                     if self.context_priors:
                         first = anchor_mask(high.shape[-2:], self.device)
-                        out = torch.where(first, out, self._prior_output(level, low, high.float()))
+                        out = torch.where(first, out, self._prior_output(level, low, high.float(), out))
                     outs.append(high)
                     priors.append(params_from_output(out))
                     z = z[:, :CHANNELS]
             return outs, priors, z
 
-    def _prior_output(self, level: int, low: torch.Tensor, high: torch.Tensor | None = None) -> torch.Tensor:
-        """The split prior's raw output; given ``high``, the second checkerboard pass's, which also
-        sees the first pass's latents (the other half of ``high`` is masked out, whatever it holds)."""
+    def _prior_output(self, level: int, low: torch.Tensor, high: torch.Tensor | None = None,
+                      base: torch.Tensor | None = None) -> torch.Tensor:
+        """The split prior's raw output (``base``, when already computed); given ``high``, the second
+        checkerboard pass's, which also sees the first pass's latents (the rest of ``high`` is masked out)."""
         prior = self.split_priors[level]
-        out = prior(low)
+        out = prior(low) if base is None else base
         if high is None:
             return out
         first = anchor_mask(high.shape[-2:], self.device)
@@ -80,13 +81,14 @@ class IntegerWaveletIDF:
         return torch.clamp(out + context, prior.conv_out.lo, prior.conv_out.hi)
 
     @torch.no_grad()
-    def split_params_for(self, level: int, low: torch.Tensor, first: torch.Tensor | None = None) -> SplitParams:
-        """Priors of the high bands of ``level``: of the first pass, or given its latents ``first``
-        (B, 9, h, w; other positions ignored), of the second."""
+    def split_params_for(self, level: int, low: torch.Tensor, first: torch.Tensor | None = None,
+                         previous: SplitParams | None = None) -> SplitParams:
+        """Priors of the high bands of ``level``: of the first pass or, given its latents ``first``
+        (B, 9, h, w; other positions ignored) and its ``previous`` priors, of the second."""
         with exact_kernels():
             low = low.to(self.device, torch.float32)
-            return params_from_output(self._prior_output(
-                level, low, None if first is None else first.to(self.device, torch.float32)))
+            high = None if first is None else first.to(self.device, torch.float32)
+            return params_from_output(self._prior_output(level, low, high, previous and previous.output))
 
     def pass_masks(self, shape: tuple[int, ...]) -> list[np.ndarray]:
         """Which of the high-band latents (flattened (9, h, w)) each coding pass holds, in decoding order."""
