@@ -75,6 +75,22 @@ def finished_row(slide: Path, out: Path, earlier: dict | None) -> dict:
             "seconds": (earlier or {}).get("seconds", ""), "error": ""}
 
 
+def check_manifest_is_ours(out_dir: Path) -> None:
+    """Refuse an output folder whose manifest files wsi-idf did not write: they would be replaced."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise WsiIdfError(f"{out_dir} is a file, not a folder for archives")
+    try:
+        rows = json.loads((out_dir / "manifest.json").read_text()) if (out_dir / "manifest.json").exists() else []
+        json_ours = isinstance(rows, list) and all(isinstance(r, dict) and "slide" in r and "status" in r for r in rows)
+        csv_path = out_dir / "manifest.csv"
+        csv_ours = not csv_path.exists() or csv_path.read_text().splitlines()[:1] == [",".join(FIELDS)]
+    except (OSError, ValueError, UnicodeDecodeError):
+        json_ours = csv_ours = False
+    if not (json_ours and csv_ours):
+        raise WsiIdfError(f"{out_dir} holds a manifest.json or manifest.csv that this batch job did not write; "
+                          "it was left untouched: choose another output folder")
+
+
 def write_manifest(out_dir: Path, rows: list[dict]) -> None:
     write_atomic(out_dir / "manifest.json", json.dumps(rows, indent=2).encode())
     tmp = out_dir / ".manifest.csv.tmp"
@@ -89,6 +105,7 @@ def run_batch(slides: Sequence[Path], out_dir: Path, scheduler: str | None, prog
               **pack_options) -> list[dict]:
     """Pack every slide into ``out_dir``; return (and keep writing) the manifest rows."""
     from tqdm import tqdm
+    check_manifest_is_ours(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     earlier = {}
     if (out_dir / "manifest.json").is_file():
@@ -190,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         slides = find_slides(args.source, args.recursive)
         if not slides:
             raise WsiIdfError(f"{args.source}: no slide files found")
+        check_manifest_is_ours(args.output)  # before a cluster starts
         with cluster_address(args) as address:
             check_scheduler(address)
             rows = run_batch(slides, args.output, address, progress=not args.quiet, model=args.model,

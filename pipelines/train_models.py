@@ -1,7 +1,7 @@
 """Train (or continue, or fine-tune) registered models, here or as tasks on a Dask cluster.
 
-    python pipelines/train_models.py fast max --minutes 60 --out checkpoints/
-    python pipelines/train_models.py max --device cuda --scheduler tcp://gpu-node:8786 --out /shared/ckpt
+    python pipelines/train_models.py fast --minutes 60 --out training/        # continues training/fast.ckpt
+    python pipelines/train_models.py fast --device cuda --scheduler tcp://gpu-node:8786 --out /shared/ckpt
     python pipelines/train_models.py fast --init-from wsi_idf/weights/fast-01b41279.safetensors \\
         --data /lab/slides --out finetuned/
 

@@ -169,7 +169,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_region(args: argparse.Namespace) -> int:
     from .export import write_region
-    s = write_region(args.archive, args.output, args.level, args.x, args.y, args.width, args.height, args.levels)
+    s = write_region(args.archive, args.output, args.level, args.x, args.y, args.width, args.height, args.levels,
+                     overwrite=args.overwrite)
     preview = f" (preview from {args.levels} flow level(s), {s['bytes_read']:,} bytes read)" if args.levels else ""
     _emit(args, s, f"level {s['level']} x={s['x']} y={s['y']} {s['width']}x{s['height']} -> {s['out']}{preview}")
     return 0
@@ -251,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="3 (default, sharded, OME-NGFF 0.5) or 2 (one file per patch, OME-NGFF 0.4)")
     p.add_argument("--drop-label", action="store_true", help="leave out the label image (it may carry patient "
                                                              "identifiers)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing archive (only once the new one "
-                                                            "is complete)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing wsi-idf archive, once the new "
+                                                            "one is complete (never a file or another folder)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted pack of the same slide")
     p.add_argument("--resources", type=_resources, default=None, metavar="NAME=N[,...]",
                    help="run encoding only on Dask workers declaring these resources (e.g. GPU=1; "
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tifffile, QuPath and Bio-Formats read the pyramid, OpenSlide level 0.")
     p.add_argument("archive", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True, help="the TIFF to write (e.g. slide.ome.tif)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--overwrite", action="store_true", help="replace a TIFF that wsi-idf unpack wrote earlier")
     p.set_defaults(func=cmd_unpack)
 
     p = sub.add_parser("info", parents=[common], help="describe an archive: source, levels, model, sizes")
@@ -323,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--y", type=int, required=True, help="top edge, in pixels of that level")
     p.add_argument("--width", type=int, required=True)
     p.add_argument("--height", type=int, required=True)
-    p.add_argument("-o", "--output", type=Path, required=True, help="region.png")
+    p.add_argument("-o", "--output", type=Path, required=True, help="region.png or region.tif (lossless formats only)")
+    p.add_argument("--overwrite", action="store_true", help="replace a region file wsi-idf wrote earlier")
     p.add_argument("--levels", type=int, default=None, metavar="K",
                    help="progressive preview: read and decode only the K coarsest flow levels of each patch "
                         "(1 = top latents only; default: all, lossless)")

@@ -9,6 +9,7 @@ import numpy as np
 
 from .archive import Archive, open_archive
 from .errors import ArchiveError
+from .outputs import SOFTWARE, check_output
 
 TIFF_TILE = 256
 STRIP = 1280  # rows decoded at once: a multiple of both the TIFF tile and the 80-pixel patch
@@ -40,8 +41,7 @@ def unpack_archive(path: str | Path, out: str | Path, overwrite: bool = False, p
     from tqdm import tqdm
     archive = open_archive(path)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ArchiveError(f"{out} already exists; pass --overwrite to replace it")
+    check_output(out, overwrite, "image", (archive.path,))
     meta = archive.metadata
     mpp = archive.mpp
     ome = {"axes": "YXS", "Name": meta["source"]["name"]}
@@ -60,20 +60,34 @@ def unpack_archive(path: str | Path, out: str | Path, overwrite: bool = False, p
                 shape = (lv["height"], lv["width"], 3)
                 if level == 0:
                     tif.write(_tiles(archive, 0, bar), shape=shape, subifds=len(meta["levels"]) - 1,
-                              metadata=ome, extratags=extratags, resolutionunit=None, **options)
+                              metadata=ome, extratags=extratags, resolutionunit=None, software=SOFTWARE, **options)
                 else:
                     tif.write(_tiles(archive, level, bar), shape=shape, subfiletype=1, metadata=None, **options)
         tmp.replace(out)
+    except OSError as exc:
+        raise ArchiveError(f"cannot write {out}: {exc.strerror or exc}") from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: nothing was written there either
+            pass
     return {"archive": str(archive.path), "tiff": str(out), "levels": len(meta["levels"]),
             "bytes": out.stat().st_size}
 
 
+LOSSLESS_SUFFIXES = {".png", ".tif", ".tiff"}
+
+
 def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, width: int, height: int,
-                 levels: int | None = None) -> dict:
+                 levels: int | None = None, overwrite: bool = False) -> dict:
     """One region of one level as PNG (or TIFF for a .tif/.tiff name); decodes only the patches it touches.
-    ``levels`` < the model's gives a progressive preview from fewer bytes."""
+    ``levels`` < the model's gives a progressive preview from fewer bytes. Lossy formats are refused:
+    the pixels are exact, and a JPEG of them would not be."""
+    out = Path(out)
+    if out.suffix.lower() not in LOSSLESS_SUFFIXES:
+        raise ArchiveError(f"{out.name}: write regions as .png or .tif (lossless); a lossy format would not "
+                           "keep the archive's exact pixels")
+    check_output(out, overwrite, "image", (Path(path),))
     archive = open_archive(path)
     if not 0 <= level < len(archive.levels):
         raise ArchiveError(f"level {level} does not exist; the archive has levels 0..{len(archive.levels) - 1}")
@@ -83,13 +97,17 @@ def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, 
         pixels, bytes_read = read_region(archive.path, level, x, y, width, height, levels)
     else:
         pixels = archive.region(level, x, y, width, height)
-    out = Path(out)
-    if out.suffix.lower() in {".tif", ".tiff"}:
-        import tifffile
-        tifffile.imwrite(out, pixels, photometric="rgb", compression="zlib")
-    else:
-        from PIL import Image
-        Image.fromarray(pixels).save(out)
+    try:
+        if out.suffix.lower() in {".tif", ".tiff"}:
+            import tifffile
+            tifffile.imwrite(out, pixels, photometric="rgb", compression="zlib", software=SOFTWARE)
+        else:
+            from PIL import Image, PngImagePlugin
+            text = PngImagePlugin.PngInfo()
+            text.add_text("Software", SOFTWARE)
+            Image.fromarray(pixels).save(out, pnginfo=text)
+    except OSError as exc:
+        raise ArchiveError(f"cannot write {out}: {exc.strerror or exc}") from exc
     return {"archive": str(archive.path), "out": str(out), "level": level, "x": x, "y": y, "width": width,
             "height": height, "flow_levels": levels, "bytes_read": bytes_read}
 

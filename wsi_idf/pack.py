@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,13 +24,13 @@ from .archive import (FORMAT_VERSION, PREVIEW_MAX, PREVIEW_MIN, chunk_path, imag
 from .cluster import Runner, runner, set_torch_threads
 from .config import PATCH
 from .errors import ArchiveError, SlideError, WsiIdfError
+from .outputs import PLAN_FILE, check_output, is_unfinished_pack
 from .registry import default_device, entry, get_model
 from .shards import DEFAULT_SHARD, ShardBox, build_shard, cut_patches, level_checksum, region_digest, shard_boxes
 from .slide import Slide, SlideRef, cached_slide, level_as_dask, open_slide
 
 log = logging.getLogger("wsi_idf")
 
-PLAN_FILE = ".wsi-idf-pack.json"
 RECORDS_DIR = ".wsi-idf-pack"
 LOSSY_COMPRESSIONS = {"JPEG", "OJPEG", "APERIO_JP2000_RGB", "APERIO_JP2000_YCBC", "JPEG2000", "WEBP", "JPEGXR"}
 
@@ -108,11 +109,14 @@ def make_plan(slide: Slide, source: Path, model: str, weights: str, shard: int, 
             "drop_label": drop_label, "levels": [asdict(lv) for lv in slide.levels], "wsi_idf_version": __version__}
 
 
-def prepare_output(out: Path, plan: dict, overwrite: bool, resume: bool) -> tuple[Path, bool]:
-    """The partial folder to build in, and whether it resumes earlier work. Refuses to clobber anything."""
+def prepare_output(out: Path, plan: dict, overwrite: bool, resume: bool, source: Path) -> tuple[Path, bool]:
+    """The partial folder to build in, and whether it resumes earlier work. Refuses to clobber anything
+    wsi-idf did not write (``outputs.check_output``)."""
     partial = partial_path(out)
-    if out.exists() and not overwrite:
-        raise ArchiveError(f"{out} already exists; pass --overwrite to replace it")
+    check_output(out, overwrite, "archive", (source,))
+    if partial.exists() and not is_unfinished_pack(partial):
+        raise ArchiveError(f"{partial} exists and is not an unfinished wsi-idf pack; it was left untouched: "
+                           "choose another output or move it away yourself")
     if partial.exists():
         if resume:
             plan_file = partial / PLAN_FILE
@@ -220,7 +224,7 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
     weights = get_model(model_entry.name, "cpu").sha256
     slide = open_slide(source, backend)
     plan = make_plan(slide, source, model_entry.name, weights, shard, zarr_format, drop_label)
-    root, resumed = prepare_output(out, plan, overwrite, resume)
+    root, resumed = prepare_output(out, plan, overwrite, resume, source)
     try:
         with ThreadPoolExecutor(1) as hasher:
             source_hash = hasher.submit(file_sha256, source)
@@ -299,9 +303,8 @@ def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, 
 def finish(root: Path, out: Path) -> None:
     """Rename the finished archive into place; an archive it replaces is removed only afterwards."""
     old = None
-    if out.exists():
-        old = out.with_name(out.name + ".replaced")
-        shutil.rmtree(old, ignore_errors=True)
+    if out.exists():  # an archive (checked by prepare_output); a fresh name, so nothing else is touched
+        old = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:12]}")
         out.rename(old)
     root.rename(out)
     if old is not None:
