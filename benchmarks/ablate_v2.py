@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.variants or list(VARIANTS):
         config, overrides, what = VARIANTS[name]
         torch.manual_seed(0)
-        settings = TrainSettings(steps=10**9, eval_every=10**9, cpu_limit_s=args.cpu_minutes * 60,
-                                 quantize_from=10**9, **overrides)
+        settings = TrainSettings(**{"steps": 10**9, "eval_every": 10**9, "cpu_limit_s": args.cpu_minutes * 60,
+                                    "quantize_from": 10**9, **overrides})
         records: list[dict] = []
         model = train(WaveletIDF(config), CropSource(tiles), val, settings, log=records.append)
         results[name] = {"what": what, "steps": records[-1]["step"], "val_bpsp": evaluate(model, val),

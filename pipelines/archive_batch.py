@@ -92,6 +92,7 @@ def check_manifest_is_ours(out_dir: Path) -> None:
 
 
 def write_manifest(out_dir: Path, rows: list[dict]) -> None:
+    rows = [{field: row.get(field, "") for field in FIELDS} for row in rows]  # what this run did is not kept
     write_atomic(out_dir / "manifest.json", json.dumps(rows, indent=2).encode())
     tmp = out_dir / ".manifest.csv.tmp"
     with open(tmp, "w", newline="") as f:
@@ -118,7 +119,7 @@ def run_batch(slides: Sequence[Path], out_dir: Path, scheduler: str | None, prog
         t0 = time.perf_counter()
         try:
             if out.exists():
-                row = finished_row(slide, out, earlier.get(str(slide)))
+                row = {**finished_row(slide, out, earlier.get(str(slide))), "action": "skipped"}
                 log.info("%s: already archived, skipped", slide.name)
             else:
                 resume = partial_path(out).exists()
@@ -126,15 +127,16 @@ def run_batch(slides: Sequence[Path], out_dir: Path, scheduler: str | None, prog
                     log.info("%s: resuming an interrupted pack", slide.name)
                 summary = pack_slide(slide, out, scheduler=scheduler, resume=resume, progress=progress,
                                      **pack_options)
-                row = finished_row(slide, out, None)
-                row["seconds"] = summary["seconds"]
+                row = {**finished_row(slide, out, None), "seconds": summary["seconds"],
+                       "action": "resumed" if resume else "archived"}
         except WsiIdfError as exc:
-            row.update(status="failed", error=str(exc), seconds=round(time.perf_counter() - t0, 2))
+            message = str(exc).removeprefix(f"{slide}: ").removeprefix(f"{slide.name}: ")  # the row names it
+            row.update(status="failed", error=message, seconds=round(time.perf_counter() - t0, 2))
             log.warning("%s: %s", slide.name, exc)
         except Exception as exc:  # one slide's unexpected failure must not stop the batch
             row.update(status="failed", error=f"{type(exc).__name__}: {exc}", seconds=round(time.perf_counter() - t0, 2))
             log.warning("%s: %s: %s", slide.name, type(exc).__name__, exc)
-        rows.append({field: row.get(field, "") for field in FIELDS})
+        rows.append({**{field: row.get(field, "") for field in FIELDS}, "action": row.get("action", "failed")})
         write_manifest(out_dir, rows)
     return rows
 
@@ -222,8 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows))
     elif not args.quiet:
-        done = len(rows) - len(failed)
-        print(f"{done} of {len(rows)} slide(s) archived in {args.output}; manifest: {args.output / 'manifest.csv'}")
+        actions = [r["action"] for r in rows]
+        print(f"{len(rows)} slide(s): {actions.count('archived')} archived, {actions.count('resumed')} resumed, "
+              f"{actions.count('skipped')} already archived (skipped), {len(failed)} failed; in {args.output}, "
+              f"manifest {args.output / 'manifest.csv'}")
         for r in failed:
             print(f"failed: {r['slide']}: {r['error']}")
     return 1 if failed else 0

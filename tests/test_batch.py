@@ -117,6 +117,12 @@ def test_batch_archives_a_folder_records_failures_and_skips_finished(cluster, sl
     again = json.loads(capsys.readouterr().out)
     assert [r["status"] for r in again] == [r["status"] for r in rows]
     assert {p: p.stat().st_mtime_ns for p in out.glob("*.zarr/zarr.json")} == mtimes  # skipped, not redone
+    assert sorted(r["action"] for r in again) == ["failed", "skipped", "skipped", "skipped"]
+    assert batch_main(argv[:-1]) == 1  # the summary says what this run did, each failure names its slide once
+    text = capsys.readouterr().out
+    assert "0 archived, 0 resumed, 3 already archived (skipped), 1 failed" in text
+    failure = next(line for line in text.splitlines() if line.startswith("failed:"))
+    assert failure.count("broken.svs") == 1, failure
 
 
 def test_batch_killed_midway_completes_on_rerun(slides_dir, tmp_path, capsys):

@@ -48,3 +48,43 @@ def test_help_and_usage_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def small_archive(tmp_path_factory):
+    if not (DATA / "tiles").is_dir():
+        pytest.skip(NO_DATA)
+    from slides import mosaic, write_pyramidal_tiff
+    folder = tmp_path_factory.mktemp("cli")
+    source = write_pyramidal_tiff(folder / "a.tif", [mosaic(160, 240, seed=5)])
+    other = write_pyramidal_tiff(folder / "b.tif", [mosaic(240, 160, seed=6)])
+    assert main(["pack", str(source), "-o", str(folder / "a.zarr"), "--scheduler", "synchronous", "-q"]) == 0
+    return source, other, folder / "a.zarr"
+
+
+def one_line(capsys, code: int, argv: list[str], words: str) -> None:
+    if code == 2:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    else:
+        assert main(argv) == code
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
+
+
+def test_wrong_arguments_get_one_clear_line(small_archive, tmp_path, capsys):
+    import torch
+    source, other, archive = small_archive
+    out = tmp_path / "x.zarr"
+    one_line(capsys, 1, ["pack", str(source), "-o", str(out), "--shard", "1000000"], "from 80 to 5120")
+    one_line(capsys, 2, ["pack", str(source), "-o", str(out), "--workers", "0"], "must be at least 1")
+    if not torch.cuda.is_available():
+        one_line(capsys, 1, ["pack", str(source), "-o", str(out), "--device", "cuda"], "no CUDA device")
+    assert not out.exists() and not (tmp_path / "x.zarr.partial").exists()
+    region = ["region", str(archive), "--x", "0", "--y", "0", "--width", "80", "--height", "80",
+              "-o", str(tmp_path / "r.png")]
+    for bad in ("-1", "0", "9"):
+        one_line(capsys, 1, [*region, "--levels", bad], "flow levels to decode must be 1 to 3")
+    one_line(capsys, 3, ["verify", str(archive), "--source", str(other), "--scheduler", "synchronous"],
+             "not its source")

@@ -123,6 +123,9 @@ def test_associated_images_and_preview_need_no_codec(cmu_archive):
     datasets = preview.attrs["ome"]["multiscales"][0]["datasets"]
     first = preview[datasets[0]["path"]]
     assert max(first.shape[1:]) <= 1024 and first.shape[0] == 3 and len(datasets) >= 2
+    assert max(first.shape[1:]) <= 2967 // 8  # a small fraction of level 0, whatever the slide's size
+    from wsi_idf.pack import tree_size
+    assert tree_size(cmu_archive / "preview") < 0.05 * tree_size(cmu_archive / "0")
     thumb = first[...].astype(int).mean(axis=(1, 2))
     assert np.allclose(thumb, slide.read(0, 0, 2967, 0, 2220).reshape(-1, 3).mean(axis=0), atol=2)
 
@@ -213,7 +216,7 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_interrupted_pack_resumes_to_an_identical_archive(pyramid_slide, work):
+def test_interrupted_pack_resumes_to_an_identical_archive(pyramid_slide, work, capsys):
     source = pyramid_slide[0]
     whole = work / "whole.zarr"
     pack_slide(source, whole, shard=160, scheduler="synchronous")
@@ -236,8 +239,11 @@ def test_interrupted_pack_resumes_to_an_identical_archive(pyramid_slide, work):
     assert main(["pack", str(source), "-o", str(out), "--shard", "320", "--resume", "--scheduler",
                  "synchronous", "-q"]) == 1  # other settings: refused, nothing lost
     assert partial_path(out).exists()
+    capsys.readouterr()
+    reused = len(list((partial_path(out) / RECORDS_DIR).rglob("*.json")))
     assert main(["pack", str(source), "-o", str(out), "--shard", "160", "--resume", "--scheduler",
-                 "synchronous", "-q"]) == 0
+                 "synchronous"]) == 0
+    assert f"resumed: {reused} of " in capsys.readouterr().out
     assert not partial_path(out).exists() and snapshot(out) == snapshot(whole)
 
 
@@ -307,6 +313,10 @@ def test_cli_pack_drops_the_label_and_says_when_the_source_was_lossy(work, capsy
     assert main(["pack", str(CMU_SVS), "-o", str(out), "--drop-label", "--scheduler", "synchronous"]) == 0
     text = capsys.readouterr().out
     assert "larger than the source file because the source is stored lossily" in text
+    assert "x smaller than the raw pixels" in text and "x the size of the source file" in text
+    assert "lossily compressed" in text and "smaller than raw" not in text
+    assert main(["info", str(out)]) == 0
+    assert "x the size of the source file (1.9 MB, lossily compressed)" in capsys.readouterr().out
     archive = open_archive(out)
     assert archive.metadata["associated"] == ["macro", "thumbnail"] and archive.metadata["label_dropped"]
     assert not (out / "associated" / "label").exists()

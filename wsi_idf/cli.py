@@ -96,6 +96,20 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def _sizes(archive: int, raw: int, source: int, lossy: bool) -> str:
+    """The archive's size against the raw pixels and the source file, in words nobody misreads.
+
+    >>> _sizes(5_300_000, 9_400_000, 1_300_000, True)
+    'archive 5.3 MB, 1.77x smaller than the raw pixels (9.4 MB) and 4.08x the size of the source file (1.3 MB, lossily compressed)'
+    """
+    versus_raw = (f"{raw / archive:.2f}x smaller than the raw pixels" if archive <= raw
+                  else f"{archive / raw:.2f}x the size of the raw pixels")
+    versus_source = (f"{source / archive:.2f}x smaller than the source file" if archive <= source
+                     else f"{archive / source:.2f}x the size of the source file")
+    return (f"archive {_mb(archive)}, {versus_raw} ({_mb(raw)}) and {versus_source} ({_mb(source)}"
+            f"{', lossily compressed' if lossy else ''})")
+
+
 def cmd_pack(args: argparse.Namespace) -> int:
     from .pack import pack_slide, partial_path
     try:
@@ -107,15 +121,17 @@ def cmd_pack(args: argparse.Namespace) -> int:
         print(f"wsi-idf: interrupted; the unfinished archive is kept at {partial_path(args.output)}: "
               "run the same command with --resume to finish it", file=sys.stderr)
         return 130
-    text = (f"{s['source']} -> {s['archive']}: {s['levels']} level(s), raw {_mb(s['raw_bytes'])}, archive "
-            f"{_mb(s['archive_bytes'])} ({s['ratio_to_raw']}x smaller than raw, {s['bits_per_subpixel']} bits per "
-            f"sub-pixel), source file {_mb(s['source_bytes'])} ({s['ratio_to_source']}x), {s['seconds']} s")
+    text = (f"{s['source']} -> {s['archive']}: {s['levels']} level(s), "
+            f"{_sizes(s['archive_bytes'], s['raw_bytes'], s['source_bytes'], s['source_lossy'])}, "
+            f"{s['bits_per_subpixel']} bits per sub-pixel, {s['seconds']} s")
     if s["archive_bytes"] > s["source_bytes"]:
         text += ("\nnote: the archive is larger than the source file because the source is stored lossily "
                  "(e.g. JPEG): the archive keeps exactly the decoded pixels, which a lossy file only approximates"
                  if s["source_lossy"] else "\nnote: the archive is larger than the source file")
     if s["skipped_levels"]:
         text += f"\nnote: {s['skipped_levels']} source level(s) left out; see `wsi-idf info`"
+    if s["resumed"]:
+        text += f"\nresumed: {s['shards_reused']} of {s['shards']} shards were already done and were reused"
     _emit(args, s, text)
     return 0
 
@@ -161,8 +177,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append(f"left out  source level {lv['level']} ({lv['width']} x {lv['height']}): {lv['reason']}")
     lines.append(f"images    {', '.join(s['associated']) or 'none'}"
                  + (" (label dropped)" if s["label_dropped"] else ""))
-    lines.append(f"size      {_mb(s['archive_bytes'])} for {_mb(s['raw_bytes'])} raw ({s['ratio_to_raw']}x, "
-                 f"{s['bits_per_subpixel']} bits per sub-pixel)")
+    lines.append(f"size      {_sizes(s['archive_bytes'], s['raw_bytes'], src['size'], s['source_lossy'])}, "
+                 f"{s['bits_per_subpixel']} bits per sub-pixel")
     _emit(args, s, "\n".join(lines))
     return 0
 
@@ -206,12 +222,19 @@ def _resources(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"expected NAME=N[,NAME=N], e.g. GPU=1, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="Dask scheduler address (tcp://host:port) to use an existing cluster; 'synchronous' runs "
                         "in this process; default: an embedded local cluster")
-    p.add_argument("--workers", type=int, default=None, help="worker processes of the embedded cluster "
-                                                             "(default: from the CPU count)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="worker processes of the embedded cluster "
+                                                                       "(default: from the CPU count)")
 
 
 def build_parser() -> argparse.ArgumentParser:

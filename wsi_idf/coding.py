@@ -185,6 +185,13 @@ def _decode_idf(model: CodingModel, payloads: list[memoryview], versions: list[i
     return pixels.clip(0, 255).astype(np.uint8), errors
 
 
+def check_levels(levels: int | None, model: CodingModel) -> None:
+    """A progressive decode reads 1 .. the model's flow levels."""
+    if levels is not None and not 1 <= levels <= model.config.levels:
+        raise InvalidPatchError(f"flow levels to decode must be 1 to {model.config.levels} for model "
+                                f"{model.name!r}, got {levels}")
+
+
 def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: int = 64,
                    device: str | torch.device | None = "cpu", levels: int | None = None) -> np.ndarray:
     """Decode byte strings from ``encode_patches`` to uint8 (N, 3, 80, 80).
@@ -215,6 +222,7 @@ def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: i
             pending.setdefault(header.weights_id, []).append(i)
     for weights_id, indices in pending.items():
         coding_model = get_model(model, device, weights=weights_id)
+        check_levels(levels, coding_model)
         if levels is not None and levels < coding_model.config.levels:
             preview.update(indices)
         for start in range(0, len(indices), max(1, batch_size)):

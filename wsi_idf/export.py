@@ -114,7 +114,7 @@ def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, 
 
 def archive_info(path: str | Path) -> dict:
     """What an archive holds: source and provenance, levels, model, sizes, physical pixel size."""
-    from .pack import tree_size
+    from .pack import LOSSY_COMPRESSIONS, tree_size
     archive = open_archive(path)
     meta = archive.metadata
     raw = sum(lv["width"] * lv["height"] * 3 for lv in meta["levels"])
@@ -129,4 +129,6 @@ def archive_info(path: str | Path) -> dict:
             "vendor": slide["vendor"], "icc_profile": bool(slide.get("icc_profile")),
             "associated": meta["associated"], "label_dropped": meta["label_dropped"],
             "properties": len(slide["properties"]), "raw_bytes": raw, "archive_bytes": size,
-            "ratio_to_raw": round(raw / size, 3), "bits_per_subpixel": round(8 * coded / raw, 4)}
+            "ratio_to_raw": round(raw / size, 3), "ratio_to_source": round(meta["source"]["size"] / size, 3),
+            "source_lossy": meta["source"]["decoder"].get("compression", "") in LOSSY_COMPRESSIONS,
+            "bits_per_subpixel": round(8 * coded / raw, 4)}

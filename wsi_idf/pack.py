@@ -25,13 +25,15 @@ from .cluster import Runner, runner, set_torch_threads
 from .config import PATCH
 from .errors import ArchiveError, SlideError, WsiIdfError
 from .outputs import PLAN_FILE, check_output, is_unfinished_pack
-from .registry import default_device, entry, get_model
+from .registry import entry, get_model, require_device
 from .shards import DEFAULT_SHARD, ShardBox, build_shard, cut_patches, level_checksum, region_digest, shard_boxes
 from .slide import Slide, SlideRef, cached_slide, level_as_dask, open_slide
 
 log = logging.getLogger("wsi_idf")
 
 RECORDS_DIR = ".wsi-idf-pack"
+PREVIEW_DOWNSAMPLE = 8  # the preview holds at most 1/64 of level 0's pixels
+MAX_SHARD = 5120  # 64 x 64 patches: a 235 MB raw shard at most
 LOSSY_COMPRESSIONS = {"JPEG", "OJPEG", "APERIO_JP2000_RGB", "APERIO_JP2000_YCBC", "JPEG2000", "WEBP", "JPEGXR"}
 
 
@@ -161,7 +163,8 @@ def write_associated(root: Path, slide: Slide, drop_label: bool, zarr_format: in
 
 
 def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp) -> int:
-    """A small pyramid (longest side at most 1024, halving down to 256) in zstd, from the smallest level.
+    """A small pyramid (longest side at most 1024 and at least 8x below level 0, halving down to 256) in
+    zstd, from the smallest level.
 
     Viewers without the wsi_idf codec (napari, QuPath, vizarr) open ``archive.zarr/preview``.
     """
@@ -170,7 +173,10 @@ def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp) ->
     smallest = len(slide.levels) - 1
     lv = slide.levels[smallest]
     factor = 1
-    while max(lv.width, lv.height) / factor > PREVIEW_MAX and min(lv.width, lv.height) // (2 * factor) >= 1:
+    # at most PREVIEW_MAX a side and at least PREVIEW_DOWNSAMPLE below level 0: a preview stays a small
+    # fraction of the archive even for a small single-level image
+    while ((max(lv.width, lv.height) / factor > PREVIEW_MAX or lv.downsample * factor < PREVIEW_DOWNSAMPLE)
+           and min(lv.width, lv.height) // (2 * factor) >= 1):
         factor *= 2
     source = level_as_dask(slide.ref, smallest)
     if factor > 1:
@@ -214,13 +220,14 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
     """
     t0 = time.perf_counter()
     source, out = Path(source), Path(out)
-    if shard % PATCH or shard <= 0:
-        raise ArchiveError(f"shard size must be a positive multiple of {PATCH}, got {shard}")
+    if shard % PATCH or not PATCH <= shard <= MAX_SHARD:
+        raise ArchiveError(f"shard size must be a multiple of {PATCH} from {PATCH} to {MAX_SHARD} pixels, got {shard} "
+                           "(a shard is one file and one task's memory; a region read decodes whole chunks of it)")
     if zarr_format not in (2, 3):
         raise ArchiveError(f"zarr format must be 2 or 3, got {zarr_format}")
     model_entry = entry(model)
     if device != "auto":
-        default_device(device)  # refuses nonsense device names early
+        require_device(device)  # before anything is written
     weights = get_model(model_entry.name, "cpu").sha256
     slide = open_slide(source, backend)
     plan = make_plan(slide, source, model_entry.name, weights, shard, zarr_format, drop_label)
@@ -270,7 +277,8 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
     (root / PLAN_FILE).unlink(missing_ok=True)
     finish(root, out)
     summary = summarize(out, meta, slide, time.perf_counter() - t0, resumed)
-    summary["stage_seconds"] = {k: round(v, 2) for k, v in stats.items() if k != "workers"}
+    summary["stage_seconds"] = {k: round(v, 2) for k, v in stats.items() if k.endswith("_s")}
+    summary["shards"], summary["shards_reused"] = stats["shards"], stats["shards_reused"]
     summary["workers"] = sorted(str(w) for w in stats["workers"] if w is not None)
     return summary
 
@@ -291,7 +299,8 @@ def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, 
                 todo.append(box)
     if records:
         log.info("resuming: %d of %d shards already done", len(records), len(records) + len(todo))
-    stats = {"read_s": 0.0, "model_s": 0.0, "entropy_s": 0.0, "write_s": 0.0, "workers": set()}
+    stats = {"read_s": 0.0, "model_s": 0.0, "entropy_s": 0.0, "write_s": 0.0, "workers": set(),
+             "shards_reused": len(records), "shards": len(records) + len(todo)}
     for record in run.map(encode_shard, todo, job, progress=progress, desc="packing"):
         for key, seconds in record.pop("timings").items():
             stats[key] += seconds

@@ -44,6 +44,11 @@ def read_region(path: str | Path, level: int, x: int, y: int, width: int, height
     """Pixels of a region as (height, width, 3) uint8, decoded from ``levels`` flow levels
     (None: all, lossless), and the number of bytes read from the archive's chunk files."""
     archive = open_archive(path)
+    if levels is not None:
+        from .coding import check_levels
+        from .registry import get_model
+        model = archive.metadata["model"]
+        check_levels(levels, get_model(model["name"], weights=model["weights"][:8]))
     meta = archive.metadata["levels"]
     if not 0 <= level < len(meta):
         raise ArchiveError(f"level {level} does not exist; the archive has levels 0..{len(meta) - 1}")

@@ -13,7 +13,7 @@ import torch
 
 from .config import IDFConfig, WaveletConfig
 from .entropy import TableModels
-from .errors import UnknownModelError, WeightsMismatchError
+from .errors import UnknownModelError, WeightsMismatchError, WsiIdfError
 from .model_file import CodingModel, load_coding_model
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -71,6 +71,17 @@ def default_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def require_device(device: str | torch.device) -> torch.device:
+    """A device that exists on this machine; a clear error otherwise (before any work starts)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise WsiIdfError(f"unknown device {device!r}: use cpu, cuda or auto") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WsiIdfError(f"device {device!r}: this machine has no CUDA device; use --device cpu (or auto)")
+    return dev
 
 
 def entry(name: str | None) -> ModelEntry:

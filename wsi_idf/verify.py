@@ -84,8 +84,9 @@ def verify_archive(path: str | Path, source: str | Path | None = None, backend: 
         try:
             source_levels = tuple(by_size[(lv["width"], lv["height"])] for lv in meta["levels"])
         except KeyError:
-            raise ArchiveError(f"{Path(source).name} does not have the levels of this archive: it is not its source "
-                               "(or this backend reads fewer levels)") from None
+            message = (f"{Path(source).name} does not have the levels of this archive: it is not its source "
+                       "(or this backend reads fewer levels)")
+            raise VerificationError(f"{archive.path}: verification failed: {message}", problems=[message]) from None
         job_source = slide.ref
     boxes = [box for i, lv in enumerate(meta["levels"]) for box in shard_boxes(i, lv["height"], lv["width"], lv["shard"])]
     results: dict[str, dict] = {}
