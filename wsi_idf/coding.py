@@ -159,7 +159,9 @@ def _decode_idf(model: CodingModel, payloads: list[memoryview], versions: list[i
     z = floats(pop_all(0, top_tables, rows, centres, (len(coders), *top_shape)))
     stream = 1
     for level in reversed(range(cfg.levels)):
+        exact = True
         if level < cfg.levels - 1:
+            exact = stream < needed
             params = flow.split_params_for(level, z)
             shape = tuple(params.rows.shape)
             out = np.zeros((len(coders), int(np.prod(shape[1:]))), dtype=np.int64)
@@ -173,7 +175,7 @@ def _decode_idf(model: CodingModel, payloads: list[memoryview], versions: list[i
                     out[:, mask] = centres + split_tables.mode_offsets[rows]
             stream += 1
             z = torch.cat([z, floats(out.reshape(shape)).to(z.dtype)], dim=1)
-        z = flow.decode_level(level, z)
+        z = flow.decode_level(level, z, exact)
     pixels = flow.to_pixels(z).cpu().numpy().astype(np.int64)
     if needed < cfg.levels:
         return pixels.clip(0, 255).astype(np.uint8), errors

@@ -198,8 +198,9 @@ class IntegerIDF:
         """Which of the factored-out latents (flattened ``shape``) each coding pass holds: v1 has one pass."""
         return [np.ones(int(np.prod(shape)), dtype=bool)]
 
-    def decode_level(self, level: int, z: torch.Tensor) -> torch.Tensor:
-        """All latents of ``level`` (kept channels first) -> the level's input image."""
+    def decode_level(self, level: int, z: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        """All latents of ``level`` (kept channels first) -> the level's input image (``exact`` unused:
+        v1 previews invert the flow as it is)."""
         return F.pixel_shuffle(self.inverse_level(level, z), 2)
 
     @staticmethod

@@ -36,14 +36,20 @@ class IntegerWaveletIDF:
         side = PATCH // 2**self.cfg.levels
         return (self.cfg.top_channels, side, side)
 
-    def _lift(self, level: int, z: torch.Tensor, inverse: bool) -> torch.Tensor:
-        """The level's four lifting couplings (or their inverse) on phase-major z (B, 12, h, w)."""
+    def _lift(self, level: int, z: torch.Tensor, inverse: bool, preview: bool = False) -> torch.Tensor:
+        """The level's four lifting couplings (or their inverse) on phase-major z (B, 12, h, w).
+
+        ``preview``: the high bands are stand-ins, not the coded values; the update steps' learned
+        residuals, whose inputs are those bands, would turn them into colour casts, so they are left out.
+        """
         phases = list(z.split(CHANNELS, dim=1))
         steps = range(len(lifting.LIFTING_STEPS))
         for step in (reversed(steps) if inverse else steps):
             src, tgt, axis, kind = lifting.LIFTING_STEPS[step]
-            # exact: IntNet clamps its input to [-256, 255]
-            learned = self.couplings[level][step](torch.cat([phases[k] for k in src], dim=1).float()).double()
+            if preview and kind == "update":
+                learned = torch.zeros_like(torch.cat([phases[k] for k in tgt], dim=1))
+            else:  # exact: IntNet clamps its input to [-256, 255]
+                learned = self.couplings[level][step](torch.cat([phases[k] for k in src], dim=1).float()).double()
             for i, (s, t) in enumerate(zip(src, tgt)):
                 shift = lifting.fixed_term(phases[s], axis, kind) + learned[:, CHANNELS * i:CHANNELS * (i + 1)]
                 phases[t] = phases[t] - shift if inverse else phases[t] + shift
@@ -98,10 +104,12 @@ class IntegerWaveletIDF:
         return [first, ~first]
 
     @torch.no_grad()
-    def decode_level(self, level: int, z: torch.Tensor) -> torch.Tensor:
-        """All bands of ``level`` (low first, then the high bands) -> the level's input image."""
+    def decode_level(self, level: int, z: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        """All bands of ``level`` (low first, then the high bands) -> the level's input image;
+        ``exact=False`` when the high bands are a preview's stand-ins (``_lift``)."""
         with exact_kernels():
-            return lifting.from_phases(self._lift(level, z.to(self.device, torch.float64), inverse=True))
+            return lifting.from_phases(self._lift(level, z.to(self.device, torch.float64), inverse=True,
+                                                  preview=not exact))
 
     @staticmethod
     def to_pixels(z: torch.Tensor) -> torch.Tensor:
