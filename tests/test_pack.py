@@ -172,7 +172,7 @@ def test_jp2k_svs_two_levels_icc_profile(tcga_archive, scheduler):
     assert summary["ok"] and summary["levels"] == 2
 
 
-def test_pyramid_levels_and_unpack_to_ome_tiff(pyramid_slide, pyramid_archive, work):
+def test_pyramid_levels_and_unpack_to_a_pyramidal_tiff(pyramid_slide, pyramid_archive, work):
     _, levels = pyramid_slide
     archive = open_archive(pyramid_archive)
     assert [a.shape[1:] for a in archive.levels] == [lv.shape[:2] for lv in levels]
@@ -180,16 +180,31 @@ def test_pyramid_levels_and_unpack_to_ome_tiff(pyramid_slide, pyramid_archive, w
         assert np.array_equal(archive.levels[level].compute().transpose(1, 2, 0), image)
     ds = archive.attributes["ome"]["multiscales"][0]["datasets"]
     assert [d["coordinateTransformations"][0]["scale"][2] for d in ds] == [0.25, 0.5, 1.0]
-    out = work / "mosaic.ome.tif"
+    out = work / "mosaic-unpacked.tif"
     assert main(["unpack", str(pyramid_archive), "-o", str(out), "-q"]) == 0
     with tifffile.TiffFile(out) as tif:
-        assert tif.is_ome and len(tif.series[0].levels) == 3
+        assert len(tif.series[0].levels) == 3
         for level, image in enumerate(levels):
             assert np.array_equal(tif.series[0].levels[level].asarray(), image)
-    with openslide.OpenSlide(str(out)) as slide:
-        rgba = np.asarray(slide.read_region((0, 0), 0, slide.level_dimensions[0]))
-        assert np.array_equal(rgba[..., :3], levels[0]) and (rgba[..., 3] == 255).all()
+    with openslide.OpenSlide(str(out)) as slide:  # every level, not only level 0
+        assert slide.level_count == 3
+        for level, image in enumerate(levels):
+            rgba = np.asarray(slide.read_region((0, 0), level, slide.level_dimensions[level]))
+            assert np.array_equal(rgba[..., :3], image) and (rgba[..., 3] == 255).all()
     assert main(["unpack", str(pyramid_archive), "-o", str(out), "-q"]) == 1  # exists: refused
+
+
+def test_unpack_keeps_mpp_and_associated_images(cmu_archive, work):
+    out = work / "cmu.tif"
+    assert main(["unpack", str(cmu_archive), "-o", str(out), "-q"]) == 0
+    with openslide.OpenSlide(str(out)) as slide:
+        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.499, abs=1e-4)
+    source = open_slide(CMU_SVS)
+    with tifffile.TiffFile(out) as tif:
+        images = {s.pages[0].description: s.asarray() for s in tif.series[1:]}
+        assert sorted(images) == ["label", "macro", "thumbnail"]
+        for name, image in images.items():
+            assert np.array_equal(image, source.associated(name))
 
 
 def test_zarr_format_2(pyramid_slide, work):

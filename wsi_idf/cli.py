@@ -28,7 +28,7 @@ examples:
   wsi-idf pack slide.svs -o slide.zarr          pack with the default model on a local Dask cluster
   wsi-idf verify slide.zarr --source slide.svs  decode everything, compare with the source pixels
   wsi-idf region slide.zarr --level 0 --x 1000 --y 2000 --width 512 --height 512 -o region.png
-  wsi-idf unpack slide.zarr -o slide.ome.tif    back to a tiled pyramidal OME-TIFF
+  wsi-idf unpack slide.zarr -o slide.tif        back to a tiled pyramidal TIFF (every level in OpenSlide)
 """
 
 EXIT_VERIFY_FAILED = 3
@@ -326,11 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_options(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("unpack", parents=[common], help="write the archive as a tiled pyramidal OME-TIFF",
-                       description="Write every level, pixel-identical, to a tiled pyramidal OME-TIFF (deflate); "
-                                   "tifffile, QuPath and Bio-Formats read the pyramid, OpenSlide level 0.")
+    p = sub.add_parser("unpack", parents=[common], help="write the archive as a tiled pyramidal TIFF",
+                       description="Write every level, pixel-identical, to a tiled pyramidal TIFF (deflate; levels as "
+                                   "top-level IFDs, as libvips writes them): OpenSlide, QuPath and tifffile read every "
+                                   "level; MPP in the resolution tags; label, macro and thumbnail as separate images.")
     p.add_argument("archive", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True, help="the TIFF to write (e.g. slide.ome.tif)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the TIFF to write (e.g. slide.tif)")
     p.add_argument("--overwrite", action="store_true", help="replace a TIFF that wsi-idf unpack wrote earlier")
     p.set_defaults(func=cmd_unpack)
 

@@ -1,4 +1,4 @@
-"""Out of the archive: a tiled pyramidal OME-TIFF (unpack), one region as an image, and a summary (info)."""
+"""Out of the archive: a tiled pyramidal TIFF (unpack), one region as an image, and a summary (info)."""
 from __future__ import annotations
 
 import base64
@@ -31,10 +31,13 @@ def _tiles(archive: Archive, level: int, progress) -> Iterator[np.ndarray]:
 
 
 def unpack_archive(path: str | Path, out: str | Path, overwrite: bool = False, progress: bool = False) -> dict:
-    """Write the archive's levels as a tiled pyramidal OME-TIFF (deflate), pixel-identical.
+    """Write the archive as a tiled pyramidal TIFF (deflate), pixel-identical, that OpenSlide, tifffile
+    and QuPath/Bio-Formats all read with every level.
 
-    Level 0 is the main image and smaller levels are its SubIFDs, as OME-TIFF pyramids are:
-    tifffile, Bio-Formats and QuPath read the whole pyramid; OpenSlide reads level 0.
+    The levels are successive top-level IFDs, the reduced ones marked as such (subfiletype 1), as
+    libvips writes pyramids: OpenSlide ("generic-tiff") and tifffile see the pyramid, which OME-TIFF's
+    SubIFDs hide from OpenSlide. Resolution tags carry the MPP (per level), level 0 the ICC
+    profile; the label, macro and thumbnail follow as untiled images named in their ImageDescription.
     Written to a temporary name and renamed, so a failed unpack leaves nothing behind.
     """
     import tifffile
@@ -44,25 +47,26 @@ def unpack_archive(path: str | Path, out: str | Path, overwrite: bool = False, p
     check_output(out, overwrite, "image", (archive.path,))
     meta = archive.metadata
     mpp = archive.mpp
-    ome = {"axes": "YXS", "Name": meta["source"]["name"]}
-    if mpp:
-        ome.update(PhysicalSizeX=mpp[0], PhysicalSizeXUnit="µm", PhysicalSizeY=mpp[1], PhysicalSizeYUnit="µm")
     icc = meta["slide"].get("icc_profile")
     extratags = [(34675, 7, None, base64.b64decode(icc), True)] if icc else []
     total = sum(lv["width"] * lv["height"] for lv in meta["levels"])
     tmp = out.with_name(f".{out.name}.partial")
     options = dict(tile=(TIFF_TILE, TIFF_TILE), compression="zlib", predictor=True, photometric="rgb",
-                   dtype=np.uint8)
+                   dtype=np.uint8, software=SOFTWARE, metadata=None)
     try:
         with tqdm(total=total, unit="px", unit_scale=True, desc="unpacking", disable=not progress, leave=False) as bar, \
-                tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
+                tifffile.TiffWriter(tmp, bigtiff=True) as tif:
             for level, lv in enumerate(meta["levels"]):
-                shape = (lv["height"], lv["width"], 3)
-                if level == 0:
-                    tif.write(_tiles(archive, 0, bar), shape=shape, subifds=len(meta["levels"]) - 1,
-                              metadata=ome, extratags=extratags, resolutionunit=None, software=SOFTWARE, **options)
-                else:
-                    tif.write(_tiles(archive, level, bar), shape=shape, subfiletype=1, metadata=None, **options)
+                resolution = {}
+                if mpp:  # pixels per centimetre at this level
+                    resolution = dict(resolution=(1e4 / (mpp[0] * lv["downsample"]), 1e4 / (mpp[1] * lv["downsample"])),
+                                      resolutionunit="CENTIMETER")
+                tif.write(_tiles(archive, level, bar), shape=(lv["height"], lv["width"], 3),
+                          subfiletype=0 if level == 0 else 1, description=f"{meta['source']['name']} level {level}",
+                          extratags=extratags if level == 0 else [], **resolution, **options)
+            for name in meta["associated"]:
+                tif.write(archive.associated(name), photometric="rgb", compression="zlib", subfiletype=1,
+                          description=name, software=SOFTWARE, metadata=None)
         tmp.replace(out)
     except OSError as exc:
         raise ArchiveError(f"cannot write {out}: {exc.strerror or exc}") from exc
@@ -72,7 +76,7 @@ def unpack_archive(path: str | Path, out: str | Path, overwrite: bool = False, p
         except OSError:  # a read-only folder: nothing was written there either
             pass
     return {"archive": str(archive.path), "tiff": str(out), "levels": len(meta["levels"]),
-            "bytes": out.stat().st_size}
+            "associated": meta["associated"], "bytes": out.stat().st_size}
 
 
 LOSSLESS_SUFFIXES = {".png", ".tif", ".tiff"}
