@@ -25,7 +25,7 @@ import torch
 from wsi_idf import decode_patches, encode_patches, ideal_bits
 from wsi_idf.data import data_dir, grid_patches, load_tiles
 from wsi_idf.model_file import load_float_model
-from wsi_idf.registry import MODELS, get_model
+from wsi_idf.registry import MODELS, RETIRED, WEIGHTS_DIR, get_model
 
 CLASSICAL = {
     "JPEG XL e1": (lambda im: imagecodecs.jpegxl_encode(im, lossless=True, effort=1), imagecodecs.jpegxl_decode),
@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=648, help="number of val patches (648 = all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--models", nargs="*", default=sorted(MODELS))
+    parser.add_argument("--models", nargs="*", default=[*sorted(MODELS), str(WEIGHTS_DIR / RETIRED[0].weights)],
+                        help="registered names or model files (default: the registered models and the previous "
+                             "default's weights, for comparison)")
     parser.add_argument("--heldout", type=int, default=128, help="patches per real SVS slide (held-out set)")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
