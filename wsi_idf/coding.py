@@ -12,7 +12,6 @@ from pathlib import Path
 import constriction
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import patch_format as fmt
 from .config import CHANNELS, PATCH

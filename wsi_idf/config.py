@@ -51,6 +51,10 @@ class IDFConfig:
         """Channels inside each level: 12 after the first squeeze, doubling after each factor-out+squeeze."""
         return [CHANNELS * 4 * 2**level for level in range(self.levels)]
 
+    @property
+    def top_channels(self) -> int:
+        return self.level_channels()[-1]
+
     def check(self) -> None:
         side = PATCH
         for _ in range(self.levels):

@@ -146,7 +146,27 @@ def permutations(cfg: IDFConfig) -> list[list[np.ndarray]]:
     return [[rng.permutation(c) for _ in range(cfg.steps)] for c in cfg.level_channels()]
 
 
-class IDF(nn.Module):
+class TopPrior:
+    """The per-channel logistic mixture over the last level's latents, shared by the v1 and v2 flows
+    (its parameters live on the model itself: ``top_mean``, ``top_log_scale``, ``top_logits``)."""
+
+    def init_top_prior(self, channels: int) -> None:
+        self.top_mean = nn.Parameter(torch.linspace(-20, 20, TOP_MIXTURES).repeat(channels, 1))
+        self.top_log_scale = nn.Parameter(torch.full((channels, TOP_MIXTURES), math.log(16.0)))
+        self.top_logits = nn.Parameter(torch.zeros(channels, TOP_MIXTURES))
+
+    def top_logp(self, z: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1, TOP_MIXTURES)
+        logp = logistic_logp(z.unsqueeze(-1), self.top_mean.view(shape), self.top_log_scale.view(shape))
+        weights = torch.log_softmax(self.top_logits, dim=-1).view(shape)
+        return torch.logsumexp(logp + weights, dim=-1)
+
+    @staticmethod
+    def bits_per_subpixel(nll_bits: torch.Tensor) -> torch.Tensor:
+        return nll_bits / (CHANNELS * PATCH * PATCH)
+
+
+class IDF(TopPrior, nn.Module):
     """Squeeze; per level ``steps`` x (permutation, additive coupling); factor-out with a split prior;
     a per-channel discretized logistic mixture at the top."""
 
@@ -167,10 +187,7 @@ class IDF(nn.Module):
         for prior, c in zip(self.split_priors, chans):
             with torch.no_grad():  # start the scales near 4 pixel steps
                 prior.conv_out.bias[c - c // 2:] = math.log(4.0 / SCALE_MIN) / LOG_SCALE_STEP
-        top = chans[-1]
-        self.top_mean = nn.Parameter(torch.linspace(-20, 20, TOP_MIXTURES).repeat(top, 1))
-        self.top_log_scale = nn.Parameter(torch.full((top, TOP_MIXTURES), math.log(16.0)))
-        self.top_logits = nn.Parameter(torch.zeros(top, TOP_MIXTURES))
+        self.init_top_prior(chans[-1])
 
     def perm(self, level: int, step: int) -> torch.Tensor:
         return getattr(self, f"perm_{level}_{step}")
@@ -198,12 +215,3 @@ class IDF(nn.Module):
         nll = nll - self.top_logp(z).flatten(1).sum(1)
         return nll / LN2, latents
 
-    def top_logp(self, z: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1, 1, 1, TOP_MIXTURES)
-        logp = logistic_logp(z.unsqueeze(-1), self.top_mean.view(shape), self.top_log_scale.view(shape))
-        weights = torch.log_softmax(self.top_logits, dim=-1).view(shape)
-        return torch.logsumexp(logp + weights, dim=-1)
-
-    @staticmethod
-    def bits_per_subpixel(nll_bits: torch.Tensor) -> torch.Tensor:
-        return nll_bits / (CHANNELS * PATCH * PATCH)

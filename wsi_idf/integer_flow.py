@@ -126,7 +126,22 @@ def params_from_output(out: torch.Tensor) -> SplitParams:
     return SplitParams(scale_index * MEAN_STEPS + (mean_q - centres * MEAN_STEPS), centres, out)
 
 
-class IntegerIDF:
+class ExactFlow:
+    """What the coder asks of an exact coding flow besides its transforms: levels and the top's shape."""
+
+    cfg: IDFConfig
+
+    @property
+    def levels(self) -> int:
+        return self.cfg.levels
+
+    @property
+    def top_shape(self) -> tuple[int, int, int]:
+        side = PATCH // 2**self.cfg.levels
+        return (self.cfg.top_channels, side, side)
+
+
+class IntegerIDF(ExactFlow):
     """Forward (pixels -> latents) and inverse (latents -> pixels) in exact integer arithmetic."""
 
     def __init__(self, cfg: IDFConfig, perms: list[list[np.ndarray]], couplings: list[list[IntNet]],
@@ -137,15 +152,6 @@ class IntegerIDF:
         self.inverse_perms = [[torch.argsort(p) for p in level] for level in self.perms]
         self.couplings = [[net.to(self.device) for net in level] for level in couplings]
         self.split_priors = [net.to(self.device) for net in split_priors]
-
-    @property
-    def levels(self) -> int:
-        return self.cfg.levels
-
-    @property
-    def top_shape(self) -> tuple[int, int, int]:
-        side = PATCH // 2**self.cfg.levels
-        return (self.cfg.level_channels()[-1], side, side)
 
     def split_params(self, level: int, keep: torch.Tensor) -> SplitParams:
         return split_params(self.split_priors[level], keep)

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from . import lifting
-from .config import CHANNELS, PATCH, WaveletConfig
-from .integer_flow import IntNet, SplitParams, exact_kernels, params_from_output
+from .config import CHANNELS, WaveletConfig
+from .integer_flow import ExactFlow, IntNet, SplitParams, exact_kernels, params_from_output
 from .wavelet_flow import anchor_mask
 
 
-class IntegerWaveletIDF:
+class IntegerWaveletIDF(ExactFlow):
     """Forward (pixels -> latents) and inverse (latents -> pixels) of a v2 model, exactly."""
 
     def __init__(self, cfg: WaveletConfig, couplings: list[list[IntNet]], split_priors: list[IntNet],
@@ -26,15 +26,6 @@ class IntegerWaveletIDF:
         self.couplings = [[net.to(self.device) for net in level] for level in couplings]
         self.split_priors = [net.to(self.device) for net in split_priors]
         self.context_priors = [net.to(self.device) for net in context_priors]
-
-    @property
-    def levels(self) -> int:
-        return self.cfg.levels
-
-    @property
-    def top_shape(self) -> tuple[int, int, int]:
-        side = PATCH // 2**self.cfg.levels
-        return (self.cfg.top_channels, side, side)
 
     def _lift(self, level: int, z: torch.Tensor, inverse: bool, preview: bool = False) -> torch.Tensor:
         """The level's four lifting couplings (or their inverse) on phase-major z (B, 12, h, w).

@@ -10,7 +10,7 @@ import numpy as np
 
 from .archive import open_archive
 from .cluster import runner, set_torch_threads
-from .errors import ArchiveError, CorruptPatchError, VerificationError, WsiIdfError
+from .errors import CorruptPatchError, VerificationError, WsiIdfError
 from .shards import ShardBox, level_checksum, region_digest, shard_boxes
 from .slide import SlideRef, cached_slide, open_slide
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from . import lifting
-from .config import CHANNELS, LOG_SCALE_STEP, PATCH, SCALE_MIN, T_MAX, TOP_MIXTURES, WaveletConfig
-from .flow import LN2, QuantNet, logistic_logp, round_ste, split_prior_units, split_scale
+from .config import CHANNELS, LOG_SCALE_STEP, SCALE_MIN, T_MAX, WaveletConfig
+from .flow import LN2, QuantNet, TopPrior, logistic_logp, round_ste, split_prior_units, split_scale
 
 HIGH_CHANNELS = 3 * CHANNELS  # the HL, LH, HH bands of the 3 colour channels
 STEP_CHANNELS = 2 * CHANNELS  # sources and targets of one lifting step
@@ -37,7 +37,7 @@ def anchor_mask(shape: tuple[int, int], device: torch.device | str = "cpu") -> t
     return (i + j) % 2 == 0
 
 
-class WaveletIDF(nn.Module):
+class WaveletIDF(TopPrior, nn.Module):
     def __init__(self, cfg: WaveletConfig):
         super().__init__()
         cfg.check()
@@ -52,10 +52,7 @@ class WaveletIDF(nn.Module):
         for prior in self.split_priors:
             with torch.no_grad():  # start the scales near 4 steps
                 prior.conv_out.bias[HIGH_CHANNELS:] = math.log(4.0 / SCALE_MIN) / LOG_SCALE_STEP
-        top = cfg.top_channels
-        self.top_mean = nn.Parameter(torch.linspace(-20, 20, TOP_MIXTURES).repeat(top, 1))
-        self.top_log_scale = nn.Parameter(torch.full((top, TOP_MIXTURES), math.log(16.0)))
-        self.top_logits = nn.Parameter(torch.zeros(top, TOP_MIXTURES))
+        self.init_top_prior(cfg.top_channels)
         # registered last, so that adding them to a trained model leaves its optimizer state in place;
         # zero-initialized outputs: a model with context starts as the same model without it
         self.context_priors = nn.ModuleList(
@@ -94,12 +91,3 @@ class WaveletIDF(nn.Module):
         nll = nll - self.top_logp(z).flatten(1).sum(1)
         return nll / LN2, latents
 
-    def top_logp(self, z: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1, 1, 1, TOP_MIXTURES)
-        logp = logistic_logp(z.unsqueeze(-1), self.top_mean.view(shape), self.top_log_scale.view(shape))
-        weights = torch.log_softmax(self.top_logits, dim=-1).view(shape)
-        return torch.logsumexp(logp + weights, dim=-1)
-
-    @staticmethod
-    def bits_per_subpixel(nll_bits: torch.Tensor) -> torch.Tensor:
-        return nll_bits / (CHANNELS * PATCH * PATCH)
