@@ -47,7 +47,7 @@ MODELS: dict[str, ModelEntry] = {
     entry.name: entry for entry in [
         ModelEntry("fast", WaveletConfig(levels=3, width=32, blocks=1, prior_width=32, prior_blocks=1, context_width=32),
                    "fast-c6d9eff7.safetensors",
-                   "model v2: YCoCg-R + 5/3 wavelet lifting with learned residuals, width 32"),
+                   "model v2: YCoCg-R + 5/3 lifting with learned residuals, checkerboard-context priors, width 32"),
     ]
 }
 # Weights of earlier versions, no longer written but decoded forever: archives name the
@@ -58,7 +58,7 @@ RETIRED: tuple[ModelEntry, ...] = (
     ModelEntry("fast", IDFConfig(levels=3, steps=4, width=32, blocks=1, seed=0), "fast-29461924.safetensors",
                "model v1 (wsi-idf 0.1, first release)"),
     ModelEntry("max", IDFConfig(levels=3, steps=8, width=96, blocks=2, seed=1), "max-c2b8d2d9.safetensors",
-               "model v1 (wsi-idf 0.1); compressed worse than fast, retired",
+               "model v1 (wsi-idf 0.1), compressed worse than fast",
                Measured(4.667, 1.448, 3.107, 0.060, "2026-11-25")),
 )
 DEFAULT_MODEL = "fast"
