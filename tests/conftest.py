@@ -1,6 +1,8 @@
 """Shared fixtures: real H&E patches from ../shared/data (skip with a reason when absent) and hard patches."""
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -52,3 +54,15 @@ HARD_KINDS = ["zeros", "full", "noise", "checker1", "checker8", "edge", "gradien
 @pytest.fixture(scope="session")
 def hard_patches() -> np.ndarray:
     return np.stack([hard_patch(kind) for kind in HARD_KINDS])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root and mount rights; skipped where they are missing)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount rights)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

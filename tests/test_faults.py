@@ -84,18 +84,6 @@ def test_kill_9_at_a_random_point_then_resume_is_identical(work, source, referen
     assert snapshot(out) == snapshot(reference) and not partial_path(out).exists()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs (needs root and mount rights; skipped where they are missing)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root and mount rights)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_disk_full_is_one_clear_error_and_nothing_done(source, small_disk, capsys):
     big = write_pyramidal_tiff(small_disk.parent / "big.tif", pyramid(mosaic(1000, 1000, seed=42), 1))
     out = small_disk / "slide.zarr"

@@ -99,6 +99,16 @@ def test_unpack_and_region_replace_only_their_own_files(small, tmp_path, capsys)
     assert main(["unpack", str(archive), "-o", str(tiff), "--overwrite", "-q"]) == 0
 
 
+def test_unwritable_outputs_are_one_clear_line(small, small_disk, capsys):
+    import subprocess
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    _, archive = small
+    refused(capsys, ["unpack", str(archive), "-o", str(small_disk / "x.tif"), "-q"], "Read-only file system")
+    refused(capsys, ["region", str(archive), "--x", "0", "--y", "0", "--width", "80", "--height", "80",
+                     "-o", str(small_disk / "r.png"), "-q"], "Read-only file system")
+    assert not any(small_disk.iterdir())
+
+
 def test_batch_refuses_a_folder_with_a_manifest_it_did_not_write(small, tmp_path, capsys):
     slides = tmp_path / "slides"
     slides.mkdir()

@@ -130,6 +130,15 @@ def read_attributes(path: str | Path) -> tuple[dict, int]:
 
 
 @dataclass
+def check_region(level: int, x: int, y: int, width: int, height: int, level_width: int, level_height: int) -> None:
+    """A region must lie inside its level: unlike OpenSlide, wsi-idf does not pad with background."""
+    if not (0 <= x and 0 <= y and width > 0 and height > 0 and x + width <= level_width
+            and y + height <= level_height):
+        raise ArchiveError(f"region x={x} y={y} {width}x{height} is outside level {level} ({level_width}x"
+                           f"{level_height}); wsi-idf returns only stored pixels (OpenSlide would pad with "
+                           "background): clip the region to the level")
+
+
 class Archive:
     """An open archive: levels as lazy (3, H, W) uint8 Dask arrays, and the archive metadata."""
     path: Path
@@ -153,8 +162,7 @@ class Archive:
             return read_region(self.path, level, x, y, width, height, levels)[0]
         arr = self.zarr_level(level)
         _, h, w = arr.shape
-        if not (0 <= x and 0 <= y and width > 0 and height > 0 and x + width <= w and y + height <= h):
-            raise ArchiveError(f"region x={x} y={y} {width}x{height} is outside level {level} ({w}x{h})")
+        check_region(level, x, y, width, height, w, h)
         return np.ascontiguousarray(arr[:, y:y + height, x:x + width].transpose(1, 2, 0))
 
     def associated(self, name: str) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-from .archive import open_archive
+from .archive import check_region, open_archive
 from .coding import decode_patches, preview_prefix
 from .config import CHANNELS, PATCH
 from .errors import ArchiveError
@@ -53,9 +53,7 @@ def read_region(path: str | Path, level: int, x: int, y: int, width: int, height
     if not 0 <= level < len(meta):
         raise ArchiveError(f"level {level} does not exist; the archive has levels 0..{len(meta) - 1}")
     lv = meta[level]
-    if not (0 <= x and 0 <= y and width > 0 and height > 0 and x + width <= lv["width"] and y + height <= lv["height"]):
-        raise ArchiveError(f"region x={x} y={y} {width}x{height} is outside level {level} "
-                           f"({lv['width']}x{lv['height']})")
+    check_region(level, x, y, width, height, lv["width"], lv["height"])
     shard = lv["shard"] if archive.zarr_format == 3 else PATCH
     per_side = shard // PATCH
     rows = range(y // PATCH, (y + height - 1) // PATCH + 1)
