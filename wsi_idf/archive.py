@@ -129,7 +129,6 @@ def read_attributes(path: str | Path) -> tuple[dict, int]:
     return attrs, fmt
 
 
-@dataclass
 def check_region(level: int, x: int, y: int, width: int, height: int, level_width: int, level_height: int) -> None:
     """A region must lie inside its level: unlike OpenSlide, wsi-idf does not pad with background."""
     if not (0 <= x and 0 <= y and width > 0 and height > 0 and x + width <= level_width
@@ -139,6 +138,7 @@ def check_region(level: int, x: int, y: int, width: int, height: int, level_widt
                            "background): clip the region to the level")
 
 
+@dataclass
 class Archive:
     """An open archive: levels as lazy (3, H, W) uint8 Dask arrays, and the archive metadata."""
     path: Path
