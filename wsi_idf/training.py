@@ -155,7 +155,7 @@ def train(model: torch.nn.Module, tiles: list[np.ndarray] | CropSource, val_patc
     started, cpu_started = time.monotonic(), time.process_time()
     while step < settings.steps:
         quantize = step >= settings.quantize_from
-        for m in (model, ema.shadow, best):
+        for m in (model, ema.shadow):  # the kept best keeps the stage it was selected in
             set_quantized(m, quantize)
         lr = settings.lr_at(step)
         for group in optimizer.param_groups:
