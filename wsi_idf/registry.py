@@ -46,7 +46,7 @@ class ModelEntry:
 MODELS: dict[str, ModelEntry] = {
     entry.name: entry for entry in [
         ModelEntry("fast", WaveletConfig(levels=3, width=32, blocks=1, prior_width=32, prior_blocks=1, context_width=32),
-                   "fast-c6d9eff7.safetensors",
+                   "fast-80565552.safetensors",
                    "model v2: YCoCg-R + 5/3 lifting with learned residuals, checkerboard-context priors, width 32"),
     ]
 }
