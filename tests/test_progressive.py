@@ -41,7 +41,7 @@ def test_previews_improve_with_levels_and_all_levels_is_lossless(val_patches, mo
         quality.append(psnr(preview, val_patches[:8]))
         sizes.append(sum(map(len, prefix)))
     # model v2's previews are coarser than v1's (README, Progressive previews), and improve with every level
-    assert quality[0] < quality[1] < quality[2] == float("inf") and quality[0] > 15 and quality[1] > 25
+    assert quality[0] < quality[1] < quality[2] == float("inf") and quality[0] > 15 and quality[1] > 20
     assert sizes[0] < sizes[1] < sizes[2] == sum(map(len, blobs))
     assert np.array_equal(decode_patches(blobs, levels=3), val_patches[:8])
 

@@ -47,7 +47,8 @@ MODELS: dict[str, ModelEntry] = {
     entry.name: entry for entry in [
         ModelEntry("fast", WaveletConfig(levels=3, width=32, blocks=1, prior_width=32, prior_blocks=1, context_width=32),
                    "fast-80565552.safetensors",
-                   "model v2: YCoCg-R + 5/3 lifting with learned residuals, checkerboard-context priors, width 32"),
+                   "model v2: YCoCg-R + 5/3 lifting with learned residuals, checkerboard-context priors, width 32",
+                   Measured(3.093, 0.960, 2.428, 0.877, "2026-12-02")),
     ]
 }
 # Weights of earlier versions, no longer written but decoded forever: archives name the
