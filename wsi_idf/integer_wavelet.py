@@ -7,6 +7,8 @@ on every device, thread count and batch size.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -89,10 +91,8 @@ class IntegerWaveletIDF(ExactFlow):
 
     def pass_masks(self, shape: tuple[int, ...]) -> list[np.ndarray]:
         """Which of the high-band latents (flattened (9, h, w)) each coding pass holds, in decoding order."""
-        if not self.context_priors:
-            return [np.ones(int(np.prod(shape)), dtype=bool)]
-        first = np.broadcast_to(anchor_mask(shape[-2:]).numpy(), shape).ravel()
-        return [first, ~first]
+        return _checkerboard_passes(tuple(shape)) if self.context_priors else [np.ones(int(np.prod(shape)), bool)]
+
 
     @torch.no_grad()
     def decode_level(self, level: int, z: torch.Tensor, exact: bool = True) -> torch.Tensor:
@@ -105,3 +105,10 @@ class IntegerWaveletIDF(ExactFlow):
     @staticmethod
     def to_pixels(z: torch.Tensor) -> torch.Tensor:
         return lifting.ycocg_to_rgb(z)
+
+
+@functools.lru_cache(maxsize=16)
+def _checkerboard_passes(shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Built once per shape: the encoder asks for every patch and level."""
+    first = np.broadcast_to(anchor_mask(shape[-2:]).numpy(), shape).ravel()
+    return [first, ~first]
