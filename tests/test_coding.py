@@ -30,7 +30,7 @@ def test_roundtrip_real_patches(val_patches):
 def test_roundtrip_hard_patches(hard_patches):
     blobs = encode_patches(hard_patches)
     np.testing.assert_array_equal(decode_patches(blobs), hard_patches)
-    assert max(map(len, blobs)) <= fmt.RAW_BYTES + fmt.HEADER.size  # never more than raw + header
+    assert max(map(len, blobs)) <= fmt.RAW_BYTES + fmt.HEADER.size + fmt.POSITION.size  # never more than raw + header
     modes = {kind: fmt.unpack(b)[0].mode for kind, b in zip(HARD_KINDS, blobs)}
     assert modes["noise"] in (fmt.Mode.RAW, fmt.Mode.DEFLATE)
     sizes = dict(zip(HARD_KINDS, map(len, blobs)))
@@ -149,7 +149,7 @@ print('ok')
     assert _run(decode, 2).strip() == "ok"
 
 
-@pytest.mark.parametrize("folder, version", [("format_v1", 1), ("format_v2", 2), ("model_v2", 2)])
+@pytest.mark.parametrize("folder, version", [("format_v1", 1), ("format_v2", 2), ("model_v2", 2), ("format_v3", 3)])
 def test_committed_fixture_bytes_decode(tmp_path, folder, version):
     """Bytes written by earlier versions and models decode to the same pixels forever (a promise)."""
     folder = FIXTURES.parent / folder
@@ -166,15 +166,19 @@ def test_committed_fixture_bytes_decode(tmp_path, folder, version):
             tile = read_rgb(DATA / item["tile"])
             y, x = item["y"], item["x"]
             expected = np.ascontiguousarray(tile[y:y + 80, x:x + 80].transpose(2, 0, 1))
-        np.testing.assert_array_equal(decode_patches([blob])[0], expected, err_msg=item["file"])
+        position = [tuple(item["position"])] if "position" in item else None
+        np.testing.assert_array_equal(decode_patches([blob], positions=position)[0], expected, err_msg=item["file"])
         assert fmt.unpack(blob)[0].mode == fmt.Mode[item["mode"]]
+        if position:  # bound to its place: found anywhere else it is damage
+            with pytest.raises(CorruptPatchError, match="moved or aliased"):
+                decode_patches([blob], positions=[(position[0][0], position[0][1] + 1, position[0][2])])
 
 
 def test_bytes_written_within_one_percent_of_model_nll(val_patches):
     """rANS overhead: payload bytes <= 1.01 x the integer model's NLL (+ the final partial word)."""
     blobs = encode_patches(val_patches)
     nll_bytes = wsi_idf.ideal_bits(val_patches).sum() / 8
-    payload = sum(len(b) - fmt.HEADER.size for b in blobs)
+    payload = sum(len(b) - fmt.unpack(b)[0].size for b in blobs)
     assert payload <= 1.01 * nll_bytes + 4 * len(blobs)
 
 

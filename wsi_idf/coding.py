@@ -68,14 +68,21 @@ def _latents(model: CodingModel, x: np.ndarray):
 
 
 def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int = 64,
-                   device: str | torch.device | None = "cpu", timings: dict[str, float] | None = None) -> list[bytes]:
+                   device: str | torch.device | None = "cpu", timings: dict[str, float] | None = None,
+                   positions: Sequence[fmt.Position] | None = None) -> list[bytes]:
     """Encode uint8 patches of shape (N, 3, 80, 80) to one self-describing byte string each.
 
     Each patch is stored in the smallest of its IDF, deflate and raw forms, so no patch ever
-    costs more than raw plus the 12-byte header. ``timings``, when given, accumulates the
+    costs more than raw plus the 17-byte header. ``timings``, when given, accumulates the
     seconds spent in the network (``model_s``) and in entropy coding (``entropy_s``).
+    ``positions`` ((pyramid level, chunk row, chunk column) per patch) binds each patch to its
+    place in an archive: its checksum then covers the position, and readers that know where a
+    patch belongs refuse one found elsewhere.
     """
     patches = check_patches(patches)
+    if positions is not None and len(positions) != len(patches):
+        raise InvalidPatchError(f"{len(positions)} positions for {len(patches)} patches")
+    places = [fmt.position_bytes(None if positions is None else tuple(positions[i])) for i in range(len(patches))]
     coding_model = get_model(model, device)
     blobs: list[bytes] = []
     timings = timings if timings is not None else {}
@@ -87,12 +94,13 @@ def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int 
         timings["model_s"] = timings.get("model_s", 0.0) + t1 - t0
         top_priors = _top_priors(coding_model, top.shape[1:])  # the same for every patch
         for i, patch in enumerate(batch):
-            crc = fmt.pixel_checksum(patch)
+            place = places[start + i]
+            crc = fmt.pixel_checksum(patch, place)
             payload = _idf_payload(coding_model, outs, priors, top, i, top_priors)
             # deflate costs ~0.4 ms a patch and wins on flat or synthetic content
-            plain = fmt.encode_plain(patch, coding_model.weights_id, crc)
+            plain = fmt.encode_plain(patch, coding_model.weights_id, crc, place)
             blobs.append(plain if payload is None else
-                         min(fmt.pack(fmt.Mode.IDF, coding_model.weights_id, crc, payload), plain, key=len))
+                         min(fmt.pack(fmt.Mode.IDF, coding_model.weights_id, crc, payload, place), plain, key=len))
         timings["entropy_s"] = timings.get("entropy_s", 0.0) + time.perf_counter() - t1
     return blobs
 
@@ -118,7 +126,8 @@ def _stream_coders(payload: memoryview, version: int, streams: int, needed: int)
             raise ValueError(f"payload of {len(payload)} bytes is not a whole number of rANS words")
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
         return [coder] * streams
-    return [constriction.stream.stack.AnsCoder(words) for words in fmt.unpack_streams(payload, streams, needed)]
+    return [constriction.stream.stack.AnsCoder(words)
+            for words in fmt.unpack_streams(payload, streams, needed, version)]
 
 
 def _decode_idf(model: CodingModel, payloads: list[memoryview], versions: list[int],
@@ -194,7 +203,8 @@ def check_levels(levels: int | None, model: CodingModel) -> None:
 
 
 def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: int = 64,
-                   device: str | torch.device | None = "cpu", levels: int | None = None) -> np.ndarray:
+                   device: str | torch.device | None = "cpu", levels: int | None = None,
+                   positions: Sequence[fmt.Position] | None = None) -> np.ndarray:
     """Decode byte strings from ``encode_patches`` to uint8 (N, 3, 80, 80).
 
     ``model`` None takes the model each patch names; a model name takes that model with the
@@ -205,6 +215,9 @@ def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: i
     levels' data only, filling the rest from the priors; the blobs may then be cut after
     those levels' streams (``preview_prefix``). None, or all levels, is the lossless decode.
     Deflate and raw patches always decode exactly.
+
+    ``positions`` (where each blob was found in an archive) refuses a patch written for
+    another place, or not bound to any: a moved or aliased chunk is damage, not a valid patch.
     """
     out = np.empty((len(blobs), CHANNELS, PATCH, PATCH), dtype=np.uint8)
     headers, payloads = [], []
@@ -213,6 +226,10 @@ def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: i
     for i, blob in enumerate(blobs):
         try:
             header, payload = fmt.unpack(blob)
+            if positions is not None and header.position != tuple(positions[i]):
+                where = "no place" if header.position is None else f"position {header.position}"
+                raise CorruptPatchError(f"it was written for {where}, not {tuple(positions[i])} "
+                                        "(level, row, column): a moved or aliased chunk")
             if header.mode != fmt.Mode.IDF:
                 out[i] = fmt.decode_plain(header, payload)
         except CorruptPatchError as exc:
@@ -235,7 +252,7 @@ def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: i
                 raise CorruptPatchError(f"patch {chunk[j]} is damaged: {errors[j]}")
             out[chunk] = pixels
     for i, header in enumerate(headers):
-        if i not in preview and fmt.pixel_checksum(out[i]) != header.crc32c:
+        if i not in preview and fmt.header_checksum(header, out[i]) != header.crc32c:
             raise CorruptPatchError(f"patch {i} is damaged: pixel checksum (CRC32C) mismatch")
     return out
 
@@ -246,10 +263,10 @@ def preview_prefix(blob_head: bytes | memoryview, levels: int) -> int | None:
     ``blob_head`` is the patch's first bytes (64 always suffice); returns -1 when the whole
     patch is needed (deflate, raw, version 1, or all levels), None when the head is too short.
     """
-    if len(blob_head) < fmt.HEADER.size:
+    if len(blob_head) < fmt.HEADER.size + fmt.POSITION.size:
         return None
-    header, payload = fmt.unpack(bytes(blob_head[:fmt.HEADER.size]) + b"\0")
+    header, _ = fmt.unpack(bytes(blob_head[:fmt.HEADER.size + fmt.POSITION.size]))
     if header.mode != fmt.Mode.IDF or header.version == 1:
         return -1
-    size = fmt.streams_prefix(blob_head[fmt.HEADER.size:], levels)
-    return size if size is None or size < 0 else fmt.HEADER.size + size
+    size = fmt.streams_prefix(blob_head[header.size:], levels, header.version)
+    return size if size is None or size < 0 else header.size + size

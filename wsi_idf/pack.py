@@ -70,15 +70,16 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
     device = job.device if job.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = get_model(job.model, device, weights=job.weights)
     timings = {"read_s": time.perf_counter() - t0}
+    per_side = job.shard // PATCH
+    cells = [(box.row * per_side + int(r), box.col * per_side + int(c)) for r, c in np.argwhere(present)]
     blobs = encode_patches(patches, model=model, batch_size=64 if device == "cpu" else 256, device=device,
-                           timings=timings)
+                           timings=timings, positions=[(box.level, r, c) for r, c in cells])
     t1 = time.perf_counter()
     if job.zarr_format == 3:
         write_atomic(chunk_path(root, box.level, box.row, box.col, 3), build_shard(blobs, present))
     else:
-        per_side = job.shard // PATCH
-        for blob, (r, c) in zip(blobs, np.argwhere(present)):
-            write_atomic(chunk_path(root, box.level, box.row * per_side + r, box.col * per_side + c, 2), blob)
+        for blob, (r, c) in zip(blobs, cells):
+            write_atomic(chunk_path(root, box.level, r, c, 2), blob)
     record = {"shard": box.name, "digest": region_digest(region).hex(), "encoded_bytes": sum(map(len, blobs)),
               "patches": len(blobs)}
     write_atomic(record_path(root, box), json.dumps(record).encode())
