@@ -11,6 +11,7 @@ import pytest
 import zarr
 
 from wsi_idf import WeightsMismatchError
+from wsi_idf.errors import UnknownModelError, WsiIdfError
 from wsi_idf.codec import WsiIdf
 from wsi_idf.registry import DEFAULT_MODEL, get_model
 from wsi_idf.zarr_codec import WsiIdfCodec
@@ -33,11 +34,48 @@ def test_get_codec_gives_default_model_and_config_roundtrips():
     assert v3 == WsiIdfCodec() and v3.to_dict()["configuration"]["weights"] == get_model().sha256
 
 
-def test_config_with_other_weights_refuses():
+def test_config_with_other_weights_refuses_on_use(val_patches):
+    blob = WsiIdf().encode(val_patches[0])
     with pytest.raises(WeightsMismatchError):
-        numcodecs.get_codec({"id": "wsi_idf", "model": "fast", "weights": "0" * 64})
+        numcodecs.get_codec({"id": "wsi_idf", "model": "fast", "weights": "0" * 64}).decode(blob)
     with pytest.raises(WeightsMismatchError):
-        WsiIdfCodec.from_dict({"name": "wsi_idf", "configuration": {"model": "fast", "weights": "f" * 64}})
+        WsiIdfCodec.from_dict({"name": "wsi_idf", "configuration": {"model": "fast", "weights": "f" * 64}})._codec.coding_model
+
+
+HOSTILE_MODELS = ["/tmp/planted-01b41279.safetensors", "../../../tmp/planted", "**", "fast/../max", "", None, 7,
+                  "fast-01b41279.safetensors", "x" * 5000]
+
+
+@pytest.mark.parametrize("model", HOSTILE_MODELS)
+def test_a_codec_config_never_names_a_path(model):
+    """Archive metadata may be hostile: a model value is a registered name or nothing loads."""
+    with pytest.raises(UnknownModelError, match="unknown model"):
+        numcodecs.get_codec({"id": "wsi_idf", "model": model, "weights": "01b41279"})
+    with pytest.raises(UnknownModelError, match="unknown model"):
+        WsiIdfCodec.from_dict({"name": "wsi_idf", "configuration": {"model": model, "weights": "01b41279"}})
+
+
+@pytest.mark.parametrize("weights", ["../../x", "*", "01B41279", "0123", "g" * 64, None, 12, "a" * 65])
+def test_codec_weights_are_hex_only(weights):
+    config = {"id": "wsi_idf", "model": "fast", "weights": weights}
+    if weights is None:  # no weights: the installed ones
+        assert numcodecs.get_codec(config).weights == get_model().sha256
+        return
+    with pytest.raises(WeightsMismatchError, match="not a sha256"):
+        numcodecs.get_codec(config)
+
+
+def test_model_files_must_be_regular_and_bounded(tmp_path):
+    """A link to /dev/zero (endless) or a huge file is never hashed: refused at once."""
+    link = tmp_path / "fast-01b41279.safetensors"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(WsiIdfError, match="not a regular file"):
+        get_model(link)
+    big = tmp_path / "fast-00000000.safetensors"
+    with open(big, "wb") as f:
+        f.truncate(300 * 2**20)  # sparse: no disk used
+    with pytest.raises(WsiIdfError, match="more than a model file may"):
+        get_model(big)
 
 
 def test_numcodecs_roundtrip(val_patches):

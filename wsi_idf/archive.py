@@ -22,12 +22,17 @@ from pathlib import Path
 import numpy as np
 
 from .config import CHANNELS, PATCH
-from .errors import ArchiveError
+from .errors import ArchiveError, DamagedArchiveError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: patches bound to their positions (patch format 3); 1: wsi-idf 0.1-0.2
+READABLE_FORMATS = (1, 2)
 PREVIEW_MAX = 1024  # longest side of the preview's first level
 PREVIEW_MIN = 256
 STANDARD_CHUNK = 512
+MAX_LEVEL_SIDE = 2**20  # pixels: beyond any scanner (~250k), and within what a patch position names
+MAX_LEVELS = 32
+MAX_SMALL_IMAGE_BYTES = 2**28  # preview levels and associated images (a macro is ~10 MB)
+NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
 def level_array_kwargs(height: int, width: int, shard: int, model: str, weights: str, zarr_format: int) -> dict:
@@ -114,19 +119,115 @@ def read_attributes(path: str | Path) -> tuple[dict, int]:
     if not path.exists():
         raise ArchiveError(f"{path}: no such archive")
     if (path / "zarr.json").is_file():
-        meta, fmt = json.loads((path / "zarr.json").read_text()), 3
+        meta, fmt = read_json(path / "zarr.json"), 3
         attrs = meta.get("attributes", {})
     elif (path / ".zattrs").is_file():
-        attrs, fmt = json.loads((path / ".zattrs").read_text()), 2
+        attrs, fmt = read_json(path / ".zattrs"), 2
     else:
         partial = "; it looks like an unfinished pack (finish it with `wsi-idf pack --resume`)" \
             if path.name.endswith(".partial") or (path / ".wsi-idf-pack.json").exists() else ""
         raise ArchiveError(f"{path}: not a wsi-idf archive (no root metadata){partial}")
-    meta = attrs.get("wsi_idf")
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        raise ArchiveError(f"{path}: not a wsi-idf archive (format version {FORMAT_VERSION}), "
+    meta = attrs.get("wsi_idf") if isinstance(attrs, dict) else None
+    if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_FORMATS:
+        raise ArchiveError(f"{path}: not a wsi-idf archive (format versions {', '.join(map(str, READABLE_FORMATS))}), "
                            f"or written by a newer wsi-idf")
+    check_metadata(attrs, fmt, path)
     return attrs, fmt
+
+
+def _damaged(path: Path, where: str, problem: str) -> ArchiveError:
+    return DamagedArchiveError(f"{path}: the archive metadata is damaged or forged: {where} {problem}")
+
+
+def _int(path: Path, where: str, value: object, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise _damaged(path, where, f"must be a whole number from {lo} to {hi}, not {str(value)[:40]!r}")
+    return value
+
+
+def _number(path: Path, where: str, value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1e9:
+        raise _damaged(path, where, f"must be a positive number, not {str(value)[:40]!r}")
+    return float(value)
+
+
+def _hex(path: Path, where: str, value: object, digits: int) -> str:
+    if not isinstance(value, str) or len(value) != digits or not set(value) <= set("0123456789abcdef"):
+        raise _damaged(path, where, f"must be {digits} hex digits, not {str(value)[:40]!r}")
+    return value
+
+
+def _dict(path: Path, where: str, value: object) -> dict:
+    if not isinstance(value, dict):
+        raise _damaged(path, where, f"must be an object, not {type(value).__name__}")
+    return value
+
+
+def _name(path: Path, where: str, value: object) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 64 or not set(value) <= NAME_CHARACTERS \
+            or value.startswith("."):
+        raise _damaged(path, where, f"must be a plain name, not {str(value)[:40]!r}")
+    return value
+
+
+def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
+    """Every field wsi-idf's readers use has its type and range, and every level lives where
+    the OME-NGFF multiscales say: readers and viewers follow those paths, so they must be the
+    canonical ``"0"``, ``"1"``... that verify checks. Archives are shared: nothing here is trusted."""
+    from .registry import check_model_name
+    from .errors import WsiIdfError
+    meta = _dict(path, "wsi_idf", attrs.get("wsi_idf"))
+    model = _dict(path, "model", meta.get("model"))
+    try:
+        check_model_name(model.get("name"))
+    except WsiIdfError as exc:
+        raise _damaged(path, "model name", f"is not a registered model ({exc})") from None
+    _hex(path, "model weights", model.get("weights"), 64)
+    levels = meta.get("levels")
+    if not isinstance(levels, list) or not 1 <= len(levels) <= MAX_LEVELS:
+        raise _damaged(path, "levels", f"must be a list of 1 to {MAX_LEVELS} levels")
+    for i, lv in enumerate(levels):
+        where = f"level {i}"
+        lv = _dict(path, where, lv)
+        if lv.get("path") != str(i):
+            raise _damaged(path, f"{where} path", f"must be {str(i)!r}, not {str(lv.get('path'))[:40]!r}")
+        _int(path, f"{where} width", lv.get("width"), 1, MAX_LEVEL_SIDE)
+        _int(path, f"{where} height", lv.get("height"), 1, MAX_LEVEL_SIDE)
+        shard = _int(path, f"{where} shard", lv.get("shard"), PATCH, 64 * PATCH)
+        if shard % PATCH:
+            raise _damaged(path, f"{where} shard", f"must be a multiple of {PATCH}, not {shard}")
+        _number(path, f"{where} downsample", lv.get("downsample"))
+        _int(path, f"{where} encoded_bytes", lv.get("encoded_bytes"), 0, 2**62)
+        _hex(path, f"{where} checksum", _dict(path, f"{where} checksum", lv.get("checksum")).get("value"), 64)
+    ome = attrs.get("ome", {}) if zarr_format == 3 else attrs
+    multiscales = _dict(path, "ome", ome).get("multiscales")
+    if not isinstance(multiscales, list) or not multiscales or not isinstance(multiscales[0], dict):
+        raise _damaged(path, "OME-NGFF multiscales", "are missing")
+    datasets = multiscales[0].get("datasets")
+    paths = [d.get("path") if isinstance(d, dict) else None for d in datasets] if isinstance(datasets, list) else None
+    if paths != [str(i) for i in range(len(levels))]:
+        raise _damaged(path, "OME-NGFF dataset paths", f"must be the levels {[str(i) for i in range(len(levels))]}, "
+                       f"not {str(paths)[:80]}: viewers would show other pixels than wsi-idf verifies")
+    associated = meta.get("associated", [])
+    if not isinstance(associated, list):
+        raise _damaged(path, "associated", "must be a list of names")
+    for name in associated:
+        _name(path, "associated image name", name)
+    preview = _dict(path, "preview", meta.get("preview", {"levels": 0}))
+    _int(path, "preview levels", preview.get("levels", 0), 0, MAX_LEVELS)
+    slide = _dict(path, "slide", meta.get("slide"))
+    mpp = slide.get("mpp")
+    if mpp is not None and (not isinstance(mpp, list) or len(mpp) != 2):
+        raise _damaged(path, "slide mpp", "must be two numbers or null")
+    for value in mpp or ():
+        _number(path, "slide mpp", value)
+    if not isinstance(slide.get("icc_profile"), (str, type(None))):
+        raise _damaged(path, "slide icc_profile", "must be base64 text or null")
+    source = _dict(path, "source", meta.get("source"))
+    if not isinstance(source.get("name"), str):
+        raise _damaged(path, "source name", "must be text")
+    _int(path, "source size", source.get("size"), 0, 2**62)
+    _dict(path, "source decoder", source.get("decoder"))
 
 
 def check_region(level: int, x: int, y: int, width: int, height: int, level_width: int, level_height: int) -> None:
@@ -138,6 +239,129 @@ def check_region(level: int, x: int, y: int, width: int, height: int, level_widt
                            "background): clip the region to the level")
 
 
+MAX_METADATA_BYTES = 2**24
+
+
+def read_json(path: Path) -> dict:
+    """A metadata file, bounded in size; damage is an ArchiveError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_METADATA_BYTES + 1)
+        if len(data) > MAX_METADATA_BYTES:
+            raise ValueError(f"larger than {MAX_METADATA_BYTES} bytes")
+        value = json.loads(data)
+    except FileNotFoundError:
+        raise DamagedArchiveError(f"{path}: missing: the archive is damaged or incomplete") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise DamagedArchiveError(f"{path}: unreadable metadata ({str(exc)[:100]}): the archive is damaged") from None
+    if not isinstance(value, dict):
+        raise DamagedArchiveError(f"{path}: metadata is not a JSON object: the archive is damaged")
+    return value
+
+
+def check_level_array(path: Path, level: int, lv: dict, model: dict, zarr_format: int) -> None:
+    """A level's own array metadata (what zarr reads) must be what the archive attributes describe:
+    sizes come from the arrays, and the codec, its weights and the shard layout are wsi-idf's."""
+    folder = path / str(level)
+    shape = [CHANNELS, lv["height"], lv["width"]]
+    codec = {"model": model["name"], "weights": model["weights"]}
+    if zarr_format == 3:
+        meta = read_json(folder / "zarr.json")
+        expected = {
+            "node_type": "array", "shape": shape, "data_type": "uint8", "fill_value": 0,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [CHANNELS, lv["shard"], lv["shard"]]}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "codecs": [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": [CHANNELS, PATCH, PATCH], "codecs": [{"name": "wsi_idf", "configuration": codec}],
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                "index_location": "end"}}]}
+    else:
+        meta = read_json(folder / ".zarray")
+        expected = {"shape": shape, "chunks": [CHANNELS, PATCH, PATCH], "dtype": "|u1", "fill_value": 0,
+                    "order": "C", "filters": None, "dimension_separator": "/",
+                    "compressor": {"id": "wsi_idf", **codec}}
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise DamagedArchiveError(f"{folder}: the level's array metadata ({key}) disagrees with the archive's "
+                               f"({str(meta.get(key))[:80]} vs {str(value)[:80]}): the archive is damaged or forged")
+
+
+def check_small_array(folder: Path, zarr_format: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shape and chunks of a preview or associated array, refused unless it is uint8 in zstd as
+    wsi-idf writes it and small: a crafted one must not make a reader allocate without bound."""
+    if zarr_format == 3:
+        meta = read_json(folder / "zarr.json")
+        grid = meta.get("chunk_grid")
+        chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
+        ok = (meta.get("node_type") == "array" and meta.get("data_type") == "uint8"
+              and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}}
+              and isinstance(meta.get("codecs"), list) and [c.get("name") if isinstance(c, dict) else None
+                                                           for c in meta["codecs"]] == ["bytes", "zstd"])
+    else:
+        meta = read_json(folder / ".zarray")
+        chunks = meta.get("chunks")
+        compressor = meta.get("compressor")
+        ok = (meta.get("dtype") == "|u1" and meta.get("filters") is None and meta.get("order") == "C"
+              and meta.get("dimension_separator") == "/" and isinstance(compressor, dict)
+              and compressor.get("id") == "zstd")
+    shape = meta.get("shape")
+    valid = lambda v: (isinstance(v, list) and 1 <= len(v) <= 3
+                       and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v))
+    if not ok or not valid(shape) or not valid(chunks) or len(chunks) != len(shape) \
+            or int(np.prod(shape, dtype=object)) > MAX_SMALL_IMAGE_BYTES \
+            or int(np.prod(chunks, dtype=object)) > MAX_SMALL_IMAGE_BYTES:
+        raise DamagedArchiveError(f"{folder}: not a small uint8 zstd array as wsi-idf writes them: damaged or forged")
+    return tuple(shape), tuple(chunks)
+
+
+def read_small_array(folder: Path, zarr_format: int) -> np.ndarray:
+    """A preview level or associated image, each chunk decompressed into a buffer of exactly its
+    size: a zstd bomb raises instead of filling memory (plain zarr does not bound this)."""
+    from numcodecs import Zstd
+    shape, chunks = check_small_array(folder, zarr_format)
+    out = np.empty(shape, dtype=np.uint8)
+    grid = [range(0, n, c) for n, c in zip(shape, chunks)]
+    for starts in np.ndindex(*(len(g) for g in grid)):
+        coords = tuple(int(i) for i in starts)
+        key = "/".join(map(str, coords))
+        path = folder / ("c/" + key if zarr_format == 3 else key)
+        buffer = np.empty(chunks, dtype=np.uint8)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_SMALL_IMAGE_BYTES + 1)
+            Zstd().decode(data, out=buffer)
+        except FileNotFoundError:
+            raise ArchiveError(f"{path}: chunk missing: the archive is damaged") from None
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ArchiveError(f"{path}: chunk does not decompress to its {buffer.nbytes} bytes ({exc}): "
+                               "the archive is damaged") from None
+        box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, chunks, shape))
+        out[box] = buffer[tuple(slice(0, b.stop - b.start) for b in box)]
+    return out
+
+
+class CheckedLevel:
+    """An array-like view of one level through ``LevelReader`` (for ``dask.array.from_array``)."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __init__(self, reader):
+        self.reader = reader
+        self.shape = (CHANNELS, reader.height, reader.width)
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        channels, ys, xs = (k if isinstance(k, slice) else slice(k, k + 1) for k in key)
+        y0, y1, _ = ys.indices(self.shape[1])
+        x0, x1, _ = xs.indices(self.shape[2])
+        if y1 <= y0 or x1 <= x0:
+            return np.empty((len(range(*channels.indices(CHANNELS))), max(0, y1 - y0), max(0, x1 - x0)), np.uint8)
+        pixels, _ = self.reader.region(x0, y0, x1 - x0, y1 - y0)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1)[channels, ::ys.step or 1, ::xs.step or 1])
+
+
 @dataclass
 class Archive:
     """An open archive: levels as lazy (3, H, W) uint8 Dask arrays, and the archive metadata."""
@@ -146,6 +370,7 @@ class Archive:
     levels: list  # dask arrays, level order of the source
     metadata: dict  # the "wsi_idf" attributes: source, provenance, checksums, slide properties
     attributes: dict  # all root attributes (OME-NGFF included)
+    readers: list  # one LevelReader per level
 
     @property
     def mpp(self) -> tuple[float, float] | None:
@@ -156,34 +381,58 @@ class Archive:
         """Pixels of one region as (height, width, 3) uint8; decodes only the patches it touches.
 
         ``levels`` below the model's reads and decodes only the coarse flow levels of each patch:
-        a progressive preview (see ``wsi_idf.progressive``)."""
-        if levels is not None:
-            from .progressive import read_region
-            return read_region(self.path, level, x, y, width, height, levels)[0]
-        arr = self.zarr_level(level)
-        _, h, w = arr.shape
-        check_region(level, x, y, width, height, w, h)
-        return np.ascontiguousarray(arr[:, y:y + height, x:x + width].transpose(1, 2, 0))
+        a progressive preview. Missing, moved or damaged chunks raise (plain zarr would give zeros
+        for a missing shard)."""
+        return self.reader(level).region(x, y, width, height, levels)[0]
+
+    def reader(self, level: int):
+        """wsi-idf's checked reader of one level (``wsi_idf.reader.LevelReader``)."""
+        if not isinstance(level, int) or not 0 <= level < len(self.readers):
+            raise ArchiveError(f"level {level} does not exist; the archive has levels 0..{len(self.readers) - 1}")
+        return self.readers[level]
 
     def associated(self, name: str) -> np.ndarray:
-        import zarr
-        return zarr.open_array(self.path / "associated" / name, mode="r")[...]
+        """An associated image (label, macro, thumbnail) as (h, w, 3) uint8, read with bounded memory."""
+        if name not in self.metadata["associated"]:
+            raise ArchiveError(f"{self.path}: no associated image {name!r}; it has {self.metadata['associated']}")
+        return read_small_array(self.path / "associated" / name, self.zarr_format)
+
+    def preview(self, level: int = 0) -> np.ndarray:
+        """A level of the zstd preview pyramid as (3, h, w) uint8, read with bounded memory."""
+        levels = self.metadata.get("preview", {}).get("levels", 0)
+        if not isinstance(level, int) or not 0 <= level < levels:
+            raise ArchiveError(f"{self.path}: preview level {level} does not exist (it has {levels})")
+        return read_small_array(self.path / "preview" / str(level), self.zarr_format)
 
     def zarr_level(self, level: int):
-        """The Zarr array of one level (what plain ``zarr.open_group(path)[str(level)]`` gives)."""
+        """The Zarr array of one level (what plain ``zarr.open_group(path)[str(level)]`` gives: no
+        check that chunks exist, see README "Faults and damage")."""
         import zarr
-        return zarr.open_array(self.path / self.metadata["levels"][level]["path"], mode="r")
+        self.reader(level)
+        return zarr.open_array(self.path / str(level), mode="r")
 
 
 def open_archive(path: str | Path) -> Archive:
-    """Open a finished archive read-only. Each level is a Dask array over the Zarr array."""
+    """Open a finished archive read-only, after checking its metadata against its arrays. Each level
+    is a Dask array read through wsi-idf's checked reader."""
     import dask.array as da
-    import zarr
+    from .errors import WsiIdfError
+    from .reader import LevelReader
+    from .registry import get_model
     path = Path(path)
     attrs, fmt = read_attributes(path)
     meta = attrs["wsi_idf"]
-    levels = []
-    for lv in meta["levels"]:
-        arr = zarr.open_array(path / lv["path"], mode="r")
-        levels.append(da.from_zarr(arr, chunks=(CHANNELS, lv.get("shard", 1280), lv.get("shard", 1280))))
-    return Archive(path, fmt, levels, meta, attrs)
+    model = meta["model"]
+    try:
+        coding_model = get_model(model["name"], weights=model["weights"])
+    except WsiIdfError as exc:
+        raise ArchiveError(f"{path}: cannot load the archive's model: {exc}") from None
+    readers, levels = [], []
+    for i, lv in enumerate(meta["levels"]):
+        check_level_array(path, i, lv, model, fmt)
+        reader = LevelReader(path / str(i), i, lv["height"], lv["width"], lv["shard"] if fmt == 3 else PATCH, fmt,
+                             coding_model, bound=meta["format_version"] >= 2)
+        readers.append(reader)
+        levels.append(da.from_array(CheckedLevel(reader), chunks=(CHANNELS, lv["shard"], lv["shard"]),
+                                    asarray=False, fancy=False, lock=False, meta=np.empty((0, 0, 0), np.uint8)))
+    return Archive(path, fmt, levels, meta, attrs, readers)

@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("region", parents=[common], help="write one region of one level as PNG or TIFF",
                        description="Decode only the patches one region touches and write it as PNG "
-                                   "(or TIFF for a .tif name).")
+                                   "(or TIFF for a .tif name). A region may have up to 64 Mpx (e.g. 8192x8192; "
+                                   "it is held in memory about 3 times over): write whole levels with unpack.")
     p.add_argument("archive", type=Path)
     p.add_argument("--level", type=int, default=0)
     p.add_argument("--x", type=int, required=True, help="left edge, in pixels of that level")

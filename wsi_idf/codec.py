@@ -14,7 +14,7 @@ from .config import CHANNELS, PATCH
 from .errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
 from .model_file import CodingModel
 from .patch_format import RAW_BYTES
-from .registry import DEFAULT_MODEL, get_model
+from .registry import DEFAULT_MODEL, check_model_name, check_weights_id, get_model
 
 
 class WsiIdf(Codec):
@@ -43,9 +43,21 @@ class WsiIdf(Codec):
     codec_id = "wsi_idf"
 
     def __init__(self, model: str = DEFAULT_MODEL, weights: str | None = None):
-        self.model = model
-        self.coding_model: CodingModel = get_model(model, weights=weights)
-        self.weights = self.coding_model.sha256
+        # the configuration may come from a hostile archive: only a registered name and a hex
+        # hash pass, and the model loads on first use, so opening an array never fails on it
+        self.model = check_model_name(model)
+        self._model: CodingModel | None = None
+        if weights is None:
+            self._model = get_model(model)
+            weights = self._model.sha256
+        self.weights = check_weights_id(weights)
+
+    @property
+    def coding_model(self) -> CodingModel:
+        """The loaded model, pinned to the configured weights."""
+        if self._model is None:
+            self._model = get_model(self.model, weights=self.weights)
+        return self._model
 
     def encode(self, buf) -> bytes:
         arr = ensure_contiguous_ndarray(buf)
@@ -66,8 +78,9 @@ class WsiIdf(Codec):
 
     def decode_many(self, blobs: list[bytes]) -> np.ndarray:
         """Decode many chunks in one batch: (N, 3, 80, 80) uint8."""
+        model = self.coding_model  # the array's own weights missing is not chunk damage
         try:
-            return decode_patches(blobs, model=self.coding_model)
+            return decode_patches(blobs, model=model)
         except WeightsMismatchError as exc:
             # the array pins its weights, so a chunk naming others has a damaged header
             raise CorruptPatchError(f"a chunk names other weights than its array ({exc}): the chunk is "

@@ -16,7 +16,7 @@ import torch
 from . import patch_format as fmt
 from .config import CHANNELS, PATCH
 from .entropy import LATENT_RANGE, pop, push
-from .errors import CorruptPatchError, InvalidPatchError
+from .errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
 from .model_file import CodingModel
 from .registry import entropy_tables, get_model
 
@@ -233,13 +233,17 @@ def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: i
             if header.mode != fmt.Mode.IDF:
                 out[i] = fmt.decode_plain(header, payload)
         except CorruptPatchError as exc:
-            raise CorruptPatchError(f"patch {i} is damaged: {exc}") from None
+            raise CorruptPatchError(f"patch {i} is damaged: {exc}", index=i) from None
         headers.append(header)
         payloads.append(payload)
         if header.mode == fmt.Mode.IDF:
             pending.setdefault(header.weights_id, []).append(i)
     for weights_id, indices in pending.items():
-        coding_model = get_model(model, device, weights=weights_id)
+        try:
+            coding_model = get_model(model, device, weights=weights_id)
+        except WeightsMismatchError as exc:
+            exc.index = indices[0]
+            raise
         check_levels(levels, coding_model)
         if levels is not None and levels < coding_model.config.levels:
             preview.update(indices)
@@ -249,11 +253,11 @@ def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: i
                                          [headers[i].version for i in chunk], levels)
             if errors:
                 j = min(errors)
-                raise CorruptPatchError(f"patch {chunk[j]} is damaged: {errors[j]}")
+                raise CorruptPatchError(f"patch {chunk[j]} is damaged: {errors[j]}", index=chunk[j])
             out[chunk] = pixels
     for i, header in enumerate(headers):
         if i not in preview and fmt.header_checksum(header, out[i]) != header.crc32c:
-            raise CorruptPatchError(f"patch {i} is damaged: pixel checksum (CRC32C) mismatch")
+            raise CorruptPatchError(f"patch {i} is damaged: pixel checksum (CRC32C) mismatch", index=i)
     return out
 
 

@@ -10,7 +10,12 @@ class InvalidPatchError(WsiIdfError, ValueError):
 
 
 class CorruptPatchError(WsiIdfError):
-    """A stored patch is damaged: bad magic, truncated, or its pixel checksum does not match."""
+    """A stored patch is damaged: bad magic, truncated, or its pixel checksum does not match.
+    ``index``: which of the patches given to the decoder, where known."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
 
 
 class WeightsMismatchError(WsiIdfError):
@@ -30,6 +35,10 @@ class SlideError(WsiIdfError):
 
 class ArchiveError(WsiIdfError):
     """An archive is missing, incomplete, damaged, or its pixels do not match their checksums or source."""
+
+
+class DamagedArchiveError(ArchiveError):
+    """An archive's metadata is damaged, forged, or disagrees with its arrays."""
 
 
 class ClusterError(WsiIdfError):

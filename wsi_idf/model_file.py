@@ -186,8 +186,25 @@ def _config(path: Path, meta: dict) -> IDFConfig | WaveletConfig:
                       f"({FILE_FORMAT} or {FILE_FORMAT_WAVELET}); it says {meta.get('format')!r}")
 
 
+MAX_MODEL_BYTES = 256 * 2**20  # model files are a few MB; a larger "model" is not one (e.g. /dev/zero)
+
+
+def check_model_path(path: Path) -> None:
+    """Only a regular file of bounded size is read as a model: hashing must end."""
+    import stat
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise WsiIdfError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise WsiIdfError(f"{path} is not a regular file: not a model file")
+    if info.st_size > MAX_MODEL_BYTES:
+        raise WsiIdfError(f"{path} has {info.st_size} bytes, more than a model file may ({MAX_MODEL_BYTES})")
+
+
 def load_coding_model(path: str | Path, device: str | torch.device = "cpu") -> CodingModel:
     path = Path(path)
+    check_model_path(path)
     digest = verify_file_hash(path)
     tensors, meta = _read(path)
     cfg = _config(path, meta)
@@ -224,6 +241,7 @@ def new_float_model(config: IDFConfig | WaveletConfig) -> IDF | WaveletIDF:
 def load_float_model(path: str | Path) -> IDF | WaveletIDF:
     """The float (trainable) model stored in a model file, e.g. to fine-tune it on a lab's slides."""
     path = Path(path)
+    check_model_path(path)
     verify_file_hash(path)
     tensors, meta = _read(path)
     model = new_float_model(_config(path, meta))

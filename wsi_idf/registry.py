@@ -93,15 +93,43 @@ def entry(name: str | None) -> ModelEntry:
         raise UnknownModelError(f"unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}") from None
 
 
+MODEL_NAMES = frozenset([*MODELS, *(e.name for e in RETIRED)])
+_HEX = frozenset("0123456789abcdef")
+
+
+def check_model_name(name: object) -> str:
+    """A registered model name, refused otherwise: names come from archives, which may be hostile,
+    so nothing but a name in the table may ever reach a file path."""
+    if not isinstance(name, str) or name not in MODEL_NAMES:
+        shown = repr(name) if len(repr(name)) < 80 else repr(name)[:77] + "..."
+        raise UnknownModelError(f"unknown model {shown}; this wsi-idf knows {', '.join(sorted(MODEL_NAMES))} "
+                                "(a model is named, never given as a path, in archive metadata)")
+    return name
+
+
+def check_weights_id(weights: object) -> str:
+    """Weights as lower-case hex of 8 to 64 digits (a sha256 or its prefix), or the 4-byte id."""
+    if isinstance(weights, bytes) and len(weights) == 4:
+        return weights.hex()
+    if isinstance(weights, str) and 8 <= len(weights) <= 64 and set(weights) <= _HEX:
+        return weights
+    shown = repr(weights) if len(repr(weights)) < 80 else repr(weights)[:77] + "..."
+    raise WeightsMismatchError(f"weights {shown} are not a sha256 in hex (8 to 64 digits): the metadata naming "
+                               "them is damaged")
+
+
 def weights_file(name: str | None = None, weights: str | bytes | None = None) -> Path:
     """The model file of a registered name, or of given weights (a sha256 hex or the 4-byte id).
 
     Weight files are never deleted when a model is retrained: archives name the weights
-    they were written with, and those must decode in every later version.
+    they were written with, and those must decode in every later version. Only regular files
+    inside ``WEIGHTS_DIR`` are returned, never a symlink.
     """
+    if name is not None:
+        check_model_name(name)
     if weights is None:
-        return WEIGHTS_DIR / entry(name).weights
-    prefix = weights.hex() if isinstance(weights, bytes) else weights[:8]
+        return _regular(WEIGHTS_DIR / entry(name).weights)
+    prefix = check_weights_id(weights)[:8]
     pattern = f"{name}-{prefix}.safetensors" if name else f"*-{prefix}.safetensors"
     matches = sorted(WEIGHTS_DIR.glob(pattern))
     if not matches:
@@ -110,7 +138,13 @@ def weights_file(name: str | None = None, weights: str | bytes | None = None) ->
             f"data was written with {'model ' + repr(name) + ' ' if name else ''}weights {prefix}, which this "
             f"wsi-idf does not have (current models: {shipped}); install the wsi-idf version that wrote it "
             "or pass its model file")
-    return matches[0]
+    return _regular(matches[0])
+
+
+def _regular(path: Path) -> Path:
+    if path.is_symlink() or not path.is_file():
+        raise WsiIdfError(f"{path} is not a regular model file (a link or something else): refused")
+    return path
 
 
 def get_model(model: str | Path | CodingModel | None = None, device: str | torch.device | None = "cpu",
@@ -118,6 +152,7 @@ def get_model(model: str | Path | CodingModel | None = None, device: str | torch
     """A loaded coding model: by registered name (and optionally weights), by model-file path, or passed through.
 
     With ``weights`` given, a model whose weights differ raises ``WeightsMismatchError``.
+    A path is the caller's own choice; the codecs only ever pass registered names.
     """
     if isinstance(model, CodingModel):
         loaded = model
@@ -133,7 +168,7 @@ def get_model(model: str | Path | CodingModel | None = None, device: str | torch
                 _cache[key] = load_coding_model(path, dev)
             loaded = _cache[key]
     if weights is not None:
-        expected = weights.hex() if isinstance(weights, bytes) else weights
+        expected = check_weights_id(weights)
         if not loaded.sha256.startswith(expected):
             raise WeightsMismatchError(
                 f"data was written with weights {expected[:16]}, but model {loaded.name!r} has weights "

@@ -2,6 +2,7 @@
 compare every pixel with the source slide. One Dask task per shard."""
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,12 +11,12 @@ import numpy as np
 
 from .archive import open_archive
 from .cluster import runner, set_torch_threads
-from .errors import CorruptPatchError, VerificationError, WsiIdfError
+from .errors import CorruptPatchError, DamagedArchiveError, VerificationError, WsiIdfError
 from .shards import ShardBox, level_checksum, region_digest, shard_boxes
 from .slide import SlideRef, cached_slide, open_slide
 
-_arrays: dict[str, object] = {}
-_arrays_lock = threading.Lock()
+_archives: dict[str, object] = {}
+_archives_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -24,28 +25,30 @@ class VerifyJob:
     source: SlideRef | None
     source_levels: tuple[int, ...]  # archive level -> source level
     torch_threads: int
+    stamp: int = 0  # the root metadata's mtime: a worker re-opens an archive that was rewritten
 
 
-def _level_array(root: str, level: int):
-    import zarr
-    key = f"{root}/{level}"
-    with _arrays_lock:
-        if key not in _arrays:
-            _arrays[key] = zarr.open_array(key, mode="r")
-        return _arrays[key]
+def _reader(job: VerifyJob, level: int):
+    """The checked level reader every other wsi-idf reader uses, opened once per worker process."""
+    with _archives_lock:
+        key = f"{job.root}@{job.stamp}"
+        if key not in _archives:
+            _archives.clear()
+            _archives[key] = open_archive(job.root)
+        return _archives[key].reader(level)
 
 
 DECODE_ERRORS = (CorruptPatchError, WsiIdfError, ValueError, OSError, RuntimeError)
 
 
-def damaged_patches(arr, box: ShardBox) -> list[list[int]]:
-    """The (level, x, y) of each patch in a shard that does not decode, read one at a time."""
+def damaged_patches(reader, box: ShardBox) -> list[list[int]]:
+    """The [level, x, y] of each patch in a shard that does not decode, read one at a time."""
     from .config import PATCH
     damaged = []
     for y in range(box.y0, box.y1, PATCH):
         for x in range(box.x0, box.x1, PATCH):
             try:
-                arr[:, y:y + PATCH, x:x + PATCH]
+                reader.region(x, y, min(PATCH, box.x1 - x), min(PATCH, box.y1 - y))
             except DECODE_ERRORS:
                 damaged.append([box.level, x, y])
     return damaged
@@ -55,11 +58,11 @@ def verify_shard(box: ShardBox, job: VerifyJob) -> dict:
     """Task: decode one shard's region, hash it, and compare it with the source when given."""
     set_torch_threads(job.torch_threads)
     result = {"shard": box.name, "digest": None, "error": None, "damaged": []}
-    arr = _level_array(job.root, box.level)
+    reader = _reader(job, box.level)
     try:
-        region = np.ascontiguousarray(arr[:, box.y0:box.y1, box.x0:box.x1].transpose(1, 2, 0))
+        region, _ = reader.region(box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0)
     except DECODE_ERRORS as exc:
-        result["damaged"] = damaged_patches(arr, box)
+        result["damaged"] = damaged_patches(reader, box)
         result["error"] = f"cannot decode {len(result['damaged'])} patch(es) ({exc})"
         return result
     result["digest"] = region_digest(region).hex()
@@ -72,10 +75,50 @@ def verify_shard(box: ShardBox, job: VerifyJob) -> dict:
     return result
 
 
+MISSING_LISTED = 4096  # shards: more missing than this is reported as one problem, not patch by patch
+
+
+def stored_files(folder: Path, depth: int) -> int:
+    """Files exactly ``depth`` folders below ``folder`` (shard files: c/0/ROW/COL; v2 chunks: 0/ROW/COL)."""
+    count, stack = 0, [(folder, 0)]
+    while stack:
+        path, level = stack.pop()
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if level + 1 == depth:
+                        count += entry.is_file(follow_symlinks=False)
+                    elif entry.is_dir(follow_symlinks=False):
+                        stack.append((entry.path, level + 1))
+        except OSError:
+            continue
+    return count
+
+
+def check_stored_count(archive, level: int, lv: dict) -> None:
+    """Before listing a level's shards, refuse one whose metadata claims far more than are stored
+    (a forged 10^6 x 10^6 level must not make verify build millions of tasks)."""
+    from .config import PATCH
+    if archive.zarr_format == 3:
+        expected = -(-lv["height"] // lv["shard"]) * -(-lv["width"] // lv["shard"])
+        stored = stored_files(archive.path / str(level) / "c" / "0", 2)
+    else:
+        expected = -(-lv["height"] // PATCH) * -(-lv["width"] // PATCH)
+        stored = stored_files(archive.path / str(level) / "0", 2)
+    per_shard = 1 if archive.zarr_format == 3 else (lv["shard"] // PATCH) ** 2
+    if expected - stored > MISSING_LISTED * per_shard:
+        message = (f"level {level}: {expected - stored:,} of its {expected:,} {'shard' if per_shard == 1 else 'chunk'} "
+                   "files are missing (or its size is forged)")
+        raise VerificationError(f"{archive.path}: verification failed: {message}", problems=[message])
+
+
 def verify_archive(path: str | Path, source: str | Path | None = None, backend: str = "auto",
                    scheduler: str | None = None, workers: int | None = None, progress: bool = False) -> dict:
     """Decode everything and check checksums (and the source's pixels); raise ArchiveError on any problem."""
-    archive = open_archive(path)
+    try:
+        archive = open_archive(path)
+    except DamagedArchiveError as exc:
+        raise VerificationError(f"verification failed: {exc}", problems=[str(exc)]) from None
     meta = archive.metadata
     job_source, source_levels = None, ()
     if source is not None:
@@ -88,10 +131,14 @@ def verify_archive(path: str | Path, source: str | Path | None = None, backend: 
                        "(or this backend reads fewer levels)")
             raise VerificationError(f"{archive.path}: verification failed: {message}", problems=[message]) from None
         job_source = slide.ref
+    for i, lv in enumerate(meta["levels"]):
+        check_stored_count(archive, i, lv)
     boxes = [box for i, lv in enumerate(meta["levels"]) for box in shard_boxes(i, lv["height"], lv["width"], lv["shard"])]
     results: dict[str, dict] = {}
     with runner(scheduler, workers, "cpu") as run:
-        job = VerifyJob(str(archive.path.resolve()), job_source, source_levels, run.torch_threads)
+        root_meta = archive.path / ("zarr.json" if archive.zarr_format == 3 else ".zattrs")
+        job = VerifyJob(str(archive.path.resolve()), job_source, source_levels, run.torch_threads,
+                        root_meta.stat().st_mtime_ns)
         for result in run.map(verify_shard, boxes, job, progress=progress, desc="verifying"):
             results[result["shard"]] = result
     problems = [f"shard {name}: {r['error']}" for name, r in sorted(results.items()) if r["error"]]

@@ -61,7 +61,7 @@ class WsiIdfCodec(ArrayBytesCodec):
     weights: str
 
     def __init__(self, *, model: str = DEFAULT_MODEL, weights: str | None = None) -> None:
-        engine = WsiIdf(model=model, weights=weights)  # refuses mismatched weights at open time
+        engine = WsiIdf(model=model, weights=weights)  # validates the names; loads the model on first use
         object.__setattr__(self, "model", engine.model)
         object.__setattr__(self, "weights", engine.weights)
         object.__setattr__(self, "_codec", engine)  # not a dataclass field: kept out of eq/repr

@@ -1,0 +1,183 @@
+"""wsi-idf's own reader of a coded level: the checks plain zarr cannot make.
+
+Plain zarr reads a missing shard, an empty one or an index entry past the end of a file as
+fill value (zeros), and cannot tell a chunk moved to another place. This reader reads chunk
+bytes from the shard files itself and refuses all of those:
+
+- every chunk of the level's grid exists (wsi-idf writes every one), so a missing or empty
+  shard file or chunk file is damage;
+- a shard index is exactly what ``shards.build_shard`` writes: its CRC32C, every cell inside
+  the level present, none outside, chunks back to back in C order up to the index, each no
+  larger than a stored patch can be (so no entry makes it read or allocate more);
+- each patch decodes with the archive's own weights, and (archive format 2) was written for
+  the position it is found at.
+
+``region``, ``unpack``, ``verify``, progressive previews and ``open_archive``'s Dask levels all
+read through it, so they agree with each other and with ``verify``.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+
+from . import patch_format as fmt
+from .config import CHANNELS, PATCH
+from .errors import ArchiveError, CorruptPatchError, WeightsMismatchError
+from .model_file import CodingModel
+from .shards import EMPTY
+
+HEAD = 64  # bytes that always hold a patch's header and stream table
+MAX_PATCH_BYTES = fmt.RAW_BYTES + fmt.HEADER.size + fmt.POSITION.size  # the encoder never writes more
+
+
+@dataclass(frozen=True)
+class LevelReader:
+    """Reads one level of an open archive; ``shard`` is the shard side in pixels (v3) or the task
+    size (v2, one file per 80x80 chunk)."""
+
+    root: Path  # the level's folder
+    level: int
+    height: int
+    width: int
+    shard: int
+    zarr_format: int
+    model: CodingModel  # pinned: the archive's weights
+    bound: bool  # patches carry their positions (archive format 2)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Chunk rows and columns of the level."""
+        return -(-self.height // PATCH), -(-self.width // PATCH)
+
+    def shard_path(self, srow: int, scol: int) -> Path:
+        return self.root / "c" / "0" / str(srow) / str(scol)
+
+    def chunk_path(self, row: int, col: int) -> Path:
+        return self.root / "0" / str(row) / str(col)
+
+    def region(self, x: int, y: int, width: int, height: int,
+               levels: int | None = None) -> tuple[np.ndarray, int]:
+        """Pixels of a region as (height, width, 3) uint8 and the bytes read from chunk files.
+        ``levels`` below the model's decodes a preview from the coarse flow levels' bytes only."""
+        from .archive import check_region
+        from .coding import check_levels
+        check_region(self.level, x, y, width, height, self.width, self.height)
+        check_levels(levels, self.model)
+        rows = range(y // PATCH, (y + height - 1) // PATCH + 1)
+        cols = range(x // PATCH, (x + width - 1) // PATCH + 1)
+        blobs, counter = self.chunks(rows, cols, levels)
+        keys = sorted(blobs)
+        patches = self.decode([blobs[k] for k in keys], keys, levels)
+        out = np.empty((len(rows) * PATCH, len(cols) * PATCH, CHANNELS), dtype=np.uint8)
+        for (r, c), patch in zip(keys, patches):
+            out[(r - rows[0]) * PATCH:(r - rows[0] + 1) * PATCH,
+                (c - cols[0]) * PATCH:(c - cols[0] + 1) * PATCH] = patch.transpose(1, 2, 0)
+        y0, x0 = y - rows[0] * PATCH, x - cols[0] * PATCH
+        return np.ascontiguousarray(out[y0:y0 + height, x0:x0 + width]), counter
+
+    def decode(self, blobs: list[bytes], cells: list[tuple[int, int]], levels: int | None = None) -> np.ndarray:
+        """Decode chunks found at ``cells`` with the archive's weights; damage raises ``CorruptPatchError``
+        naming the patch's level and pixel position."""
+        from .coding import decode_patches
+        positions = [(self.level, r, c) for r, c in cells] if self.bound else None
+        try:
+            return decode_patches(blobs, model=self.model, levels=levels, positions=positions)
+        except (CorruptPatchError, WeightsMismatchError) as exc:
+            r, c = cells[exc.index] if getattr(exc, "index", None) is not None else (None, None)
+            where = f"patch x={c * PATCH}, y={r * PATCH}" if r is not None else "a patch"
+            reason = str(exc).split(": ", 1)[-1] if isinstance(exc, CorruptPatchError) else \
+                f"it names other weights than its archive ({exc})"
+            raise CorruptPatchError(f"level {self.level} {where} is damaged: {reason}") from None
+
+    def chunks(self, rows: range, cols: range, levels: int | None = None) -> tuple[dict, int]:
+        """The stored bytes of chunks ``rows`` x ``cols`` (only a preview's prefix with ``levels``)."""
+        blobs: dict[tuple[int, int], bytes] = {}
+        counter = [0]
+        if self.zarr_format == 2:
+            for r in rows:
+                for c in cols:
+                    path = self.chunk_path(r, c)
+                    try:
+                        with open(path, "rb") as f:
+                            size = f.seek(0, 2)
+                            if not 0 < size <= MAX_PATCH_BYTES:
+                                raise ArchiveError(f"{path}: chunk file of {size} bytes: it is damaged")
+                            blobs[(r, c)] = _chunk_prefix(f, 0, size, levels, counter)
+                    except FileNotFoundError:
+                        raise ArchiveError(f"{path}: chunk file missing: the archive is damaged") from None
+            return blobs, counter[0]
+        per_side = self.shard // PATCH
+        for srow in sorted({r // per_side for r in rows}):
+            for scol in sorted({c // per_side for c in cols}):
+                wanted = [(r, c) for r in rows for c in cols if r // per_side == srow and c // per_side == scol]
+                self._read_shard(srow, scol, wanted, levels, blobs, counter)
+        return blobs, counter[0]
+
+    def shard_index(self, srow: int, scol: int, f, size: int, counter: list[int]) -> np.ndarray:
+        """The checked (per_side, per_side, 2) index of one open shard file."""
+        path = self.shard_path(srow, scol)
+        per_side = self.shard // PATCH
+        index_size = 16 * per_side * per_side + 4
+        if size < index_size:
+            raise ArchiveError(f"{path}: shard file of {size} bytes is shorter than its index: it is damaged")
+        raw = _read(f, size - index_size, index_size, counter)
+        if google_crc32c.value(raw[:-4]) != struct.unpack("<I", raw[-4:])[0]:
+            raise ArchiveError(f"{path}: shard index checksum mismatch: the shard is damaged")
+        index = np.frombuffer(raw[:-4], dtype="<u8").reshape(per_side, per_side, 2)
+        rows, cols = self.grid
+        inside = np.zeros((per_side, per_side), dtype=bool)
+        inside[:max(0, rows - srow * per_side), :max(0, cols - scol * per_side)] = True
+        offsets, sizes = index[..., 0], index[..., 1]
+        if np.any(offsets[~inside] != EMPTY) or np.any(offsets[inside] == EMPTY):
+            raise ArchiveError(f"{path}: shard index has chunks missing or outside the level: the shard is damaged")
+        sizes_in = sizes[inside]
+        if np.any(sizes_in == 0) or np.any(sizes_in > MAX_PATCH_BYTES):
+            raise ArchiveError(f"{path}: shard index gives a chunk an impossible size: the shard is damaged")
+        expected = np.concatenate([[0], np.cumsum(sizes_in)])
+        if np.any(offsets[inside] != expected[:-1]) or int(expected[-1]) != size - index_size:
+            raise ArchiveError(f"{path}: shard index does not describe its chunks back to back: the shard is "
+                               "damaged or forged")
+        return index
+
+    def _read_shard(self, srow: int, scol: int, wanted: list[tuple[int, int]], levels: int | None,
+                    blobs: dict, counter: list[int]) -> None:
+        path = self.shard_path(srow, scol)
+        per_side = self.shard // PATCH
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise ArchiveError(f"{path}: shard file missing: the archive is damaged") from None
+        with f:
+            size = f.seek(0, 2)
+            index = self.shard_index(srow, scol, f, size, counter)
+            for r, c in wanted:
+                offset, nbytes = (int(v) for v in index[r % per_side, c % per_side])
+                blobs[(r, c)] = _chunk_prefix(f, offset, nbytes, levels, counter)
+
+
+def _read(f, offset: int, size: int, counter: list[int]) -> bytes:
+    f.seek(offset)
+    data = f.read(size)
+    counter[0] += len(data)
+    return data
+
+
+def _chunk_prefix(f, offset: int, nbytes: int, levels: int | None, counter: list[int]) -> bytes:
+    """A chunk's bytes, or with ``levels`` only the prefix a preview of that many flow levels needs."""
+    from .coding import preview_prefix
+    if levels is None:
+        return _read(f, offset, nbytes, counter)
+    head = _read(f, offset, min(nbytes, HEAD), counter)
+    try:
+        need = preview_prefix(head, levels)
+    except CorruptPatchError:
+        need = None  # read it whole; decoding names the damage
+    if need is None or need < 0 or need > nbytes:
+        need = nbytes
+    if need <= len(head):
+        return head[:need]
+    return head + _read(f, offset + len(head), need - len(head), counter)
