@@ -181,7 +181,7 @@ def test_mutated_streams_and_headers_decode_exactly_or_raise(valid_blobs, data):
         for _ in range(data.draw(st.integers(1, 4))):
             mutated[data.draw(st.integers(0, len(mutated) - 1))] ^= data.draw(st.integers(1, 255))
     elif kind == "header":
-        mutated[data.draw(st.integers(0, 11))] = data.draw(st.integers(0, 255))
+        mutated[data.draw(st.integers(0, 16))] = data.draw(st.integers(0, 255))  # header and position
     elif kind == "truncate":
         mutated = mutated[: data.draw(st.integers(0, len(mutated) - 1))]
     else:

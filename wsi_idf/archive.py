@@ -215,14 +215,26 @@ def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
         _name(path, "associated image name", name)
     preview = _dict(path, "preview", meta.get("preview", {"levels": 0}))
     _int(path, "preview levels", preview.get("levels", 0), 0, MAX_LEVELS)
+    if not isinstance(meta.get("wsi_idf_version"), str) or not isinstance(meta.get("skipped_levels"), list) \
+            or not isinstance(meta.get("label_dropped"), bool):
+        raise _damaged(path, "wsi_idf_version, skipped_levels or label_dropped", "is missing or of the wrong type")
     slide = _dict(path, "slide", meta.get("slide"))
+    for key, types in (("mpp", (list, type(None))), ("objective_power", (int, float, type(None))),
+                       ("vendor", (str, type(None))), ("properties", dict), ("icc_profile", (str, type(None)))):
+        if key not in slide or not isinstance(slide[key], types) or isinstance(slide[key], bool):
+            raise _damaged(path, f"slide {key}", "is missing or of the wrong type")
+    if slide["icc_profile"] is not None:
+        import base64
+        import binascii
+        try:
+            base64.b64decode(slide["icc_profile"], validate=True)
+        except (binascii.Error, ValueError):
+            raise _damaged(path, "slide icc_profile", "is not base64") from None
     mpp = slide.get("mpp")
     if mpp is not None and (not isinstance(mpp, list) or len(mpp) != 2):
         raise _damaged(path, "slide mpp", "must be two numbers or null")
     for value in mpp or ():
         _number(path, "slide mpp", value)
-    if not isinstance(slide.get("icc_profile"), (str, type(None))):
-        raise _damaged(path, "slide icc_profile", "must be base64 text or null")
     source = _dict(path, "source", meta.get("source"))
     if not isinstance(source.get("name"), str):
         raise _damaged(path, "source name", "must be text")

@@ -7,7 +7,11 @@ with one line, before anything is read, written or deleted.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ArchiveError
@@ -75,3 +79,58 @@ def check_output(out: Path, overwrite: bool, kind: str, sources: tuple[Path, ...
         what = "a wsi-idf archive" if kind == "archive" else "a file written by wsi-idf"
         raise ArchiveError(f"{out} exists and is not {what}; --overwrite only replaces wsi-idf's own outputs, "
                            "so it was left untouched: choose another output or move it away yourself")
+
+
+LOCK_MARK = b"wsi-idf output lock\n"
+
+
+def lock_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.wsi-idf-lock")
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on an output (and so on its ``OUT.partial``) for a whole job.
+
+    A second job writing the same output refuses at once instead of interleaving with the
+    first (two ``--overwrite`` packs could otherwise leave a root without levels). The lock is
+    a hidden file beside the output, removed when the job ends; a file of that name that is not
+    a wsi-idf lock is refused, never touched.
+    """
+    path = lock_path(out)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise ArchiveError(f"cannot write the archive at {out}: cannot create its lock {path.name} "
+                               f"({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ArchiveError(f"another wsi-idf job is writing {out} (it holds {path.name}); wait for it to end, "
+                               "or choose another output") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed that file as we opened it: take the new one
+    try:
+        content = os.pread(fd, len(LOCK_MARK) + 1, 0)
+        if content not in (b"", LOCK_MARK):
+            os.close(fd)
+            raise ArchiveError(f"{path} exists and is not a wsi-idf lock; it was left untouched: move it away")
+        os.pwrite(fd, LOCK_MARK, 0)
+    except OSError as exc:
+        os.close(fd)
+        raise ArchiveError(f"cannot write the archive at {out}: cannot lock it ({exc.strerror or exc})") from None
+    try:
+        yield
+    finally:
+        try:
+            path.unlink()  # while still holding it: a waiting job then sees a fresh file
+        except OSError:
+            pass
+        os.close(fd)

@@ -24,7 +24,7 @@ from .archive import (FORMAT_VERSION, PREVIEW_MAX, PREVIEW_MIN, chunk_path, imag
 from .cluster import Runner, runner, set_torch_threads
 from .config import PATCH
 from .errors import ArchiveError, SlideError, WsiIdfError
-from .outputs import PLAN_FILE, check_output, is_unfinished_pack
+from .outputs import PLAN_FILE, check_output, is_unfinished_pack, output_lock
 from .registry import entry, get_model, require_device
 from .shards import DEFAULT_SHARD, ShardBox, build_shard, cut_patches, level_checksum, region_digest, shard_boxes
 from .slide import Slide, SlideRef, cached_slide, level_as_dask, open_slide
@@ -232,56 +232,62 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
     weights = get_model(model_entry.name, "cpu").sha256
     slide = open_slide(source, backend)
     plan = make_plan(slide, source, model_entry.name, weights, shard, zarr_format, drop_label)
-    root, resumed = prepare_output(out, plan, overwrite, resume, source)
-    try:
-        with ThreadPoolExecutor(1) as hasher:
-            source_hash = hasher.submit(file_sha256, source)
-            if not resumed or not (root / "0").exists():
-                create_levels(root, slide, model_entry.name, weights, shard, zarr_format)
-            with runner(scheduler, workers, device, resources) as run:
-                records, stats = run_shards(run, slide, root, model_entry.name, weights, device, shard,
-                                            zarr_format, progress)
-            associated = write_associated(root, slide, drop_label, zarr_format)
-            preview_levels = write_preview(root, slide, zarr_format, source.stem, slide.info.mpp)
-            sha256 = source_hash.result()
-    except SlideError:
-        shutil.rmtree(root, ignore_errors=True)  # the source is unreadable: resuming cannot help
-        raise
-    except (KeyboardInterrupt, WsiIdfError):
-        raise
-    except Exception as exc:  # a lost cluster, a full disk, a killed worker: the work done so far is kept
-        raise ArchiveError(f"pack stopped ({type(exc).__name__}: {exc}); the unfinished archive is kept at "
-                           f"{root}: run the same command with --resume to finish it") from exc
-    level_meta = []
-    for i, lv in enumerate(slide.levels):
-        recs = [records[box.name] for box in shard_boxes(i, lv.height, lv.width, shard)]
-        level_meta.append({"path": str(i), "width": lv.width, "height": lv.height, "downsample": lv.downsample,
-                           "shard": shard, "patches": sum(r["patches"] for r in recs),
-                           "encoded_bytes": sum(r["encoded_bytes"] for r in recs),
-                           "checksum": {"algorithm": f"sha256-of-{shard}px-tile-sha256s",
-                                        "value": level_checksum([bytes.fromhex(r["digest"]) for r in recs])}})
-    info = slide.info.to_json()
-    if drop_label:
-        info["properties"] = {k: v for k, v in info["properties"].items()
-                              if not k.startswith("openslide.associated.label.")}
-    meta = {"format_version": FORMAT_VERSION, "wsi_idf_version": __version__,
-            "model": {"name": model_entry.name, "weights": weights},
-            "source": {"name": source.name, "size": source.stat().st_size, "sha256": sha256,
-                       "backend": slide.backend, "decoder": info.pop("decoder")},
-            "slide": info, "levels": level_meta, "skipped_levels": slide.skipped_levels,
-            "associated": associated, "label_dropped": drop_label and "label" in slide.associated_names(),
-            "preview": {"path": "preview", "levels": preview_levels}}
-    multiscale = ome_multiscale(source.stem, [(str(i), lv.downsample) for i, lv in enumerate(slide.levels)],
-                                slide.info.mpp)
-    write_group(root, image_attributes(multiscale, zarr_format, {"wsi_idf": meta}), zarr_format)
-    shutil.rmtree(root / RECORDS_DIR, ignore_errors=True)
-    (root / PLAN_FILE).unlink(missing_ok=True)
-    finish(root, out)
-    summary = summarize(out, meta, slide, time.perf_counter() - t0, resumed)
-    summary["stage_seconds"] = {k: round(v, 2) for k, v in stats.items() if k.endswith("_s")}
-    summary["shards"], summary["shards_reused"] = stats["shards"], stats["shards_reused"]
-    summary["workers"] = sorted(str(w) for w in stats["workers"] if w is not None)
-    return summary
+    if not out.parent.exists():
+        try:
+            out.parent.mkdir(parents=True)
+        except OSError as exc:
+            raise ArchiveError(f"cannot write the archive at {out}: {exc.strerror or exc}") from exc
+    with output_lock(out):  # a second job on the same output refuses at once
+        root, resumed = prepare_output(out, plan, overwrite, resume, source)
+        try:
+            with ThreadPoolExecutor(1) as hasher:
+                source_hash = hasher.submit(file_sha256, source)
+                if not resumed or not (root / "0").exists():
+                    create_levels(root, slide, model_entry.name, weights, shard, zarr_format)
+                with runner(scheduler, workers, device, resources) as run:
+                    records, stats = run_shards(run, slide, root, model_entry.name, weights, device, shard,
+                                                zarr_format, progress)
+                associated = write_associated(root, slide, drop_label, zarr_format)
+                preview_levels = write_preview(root, slide, zarr_format, source.stem, slide.info.mpp)
+                sha256 = source_hash.result()
+        except SlideError:
+            shutil.rmtree(root, ignore_errors=True)  # the source is unreadable: resuming cannot help
+            raise
+        except (KeyboardInterrupt, WsiIdfError):
+            raise
+        except Exception as exc:  # a lost cluster, a full disk, a killed worker: the work done so far is kept
+            raise ArchiveError(f"pack stopped ({type(exc).__name__}: {exc}); the unfinished archive is kept at "
+                               f"{root}: run the same command with --resume to finish it") from exc
+        level_meta = []
+        for i, lv in enumerate(slide.levels):
+            recs = [records[box.name] for box in shard_boxes(i, lv.height, lv.width, shard)]
+            level_meta.append({"path": str(i), "width": lv.width, "height": lv.height, "downsample": lv.downsample,
+                               "shard": shard, "patches": sum(r["patches"] for r in recs),
+                               "encoded_bytes": sum(r["encoded_bytes"] for r in recs),
+                               "checksum": {"algorithm": f"sha256-of-{shard}px-tile-sha256s",
+                                            "value": level_checksum([bytes.fromhex(r["digest"]) for r in recs])}})
+        info = slide.info.to_json()
+        if drop_label:
+            info["properties"] = {k: v for k, v in info["properties"].items()
+                                  if not k.startswith("openslide.associated.label.")}
+        meta = {"format_version": FORMAT_VERSION, "wsi_idf_version": __version__,
+                "model": {"name": model_entry.name, "weights": weights},
+                "source": {"name": source.name, "size": source.stat().st_size, "sha256": sha256,
+                           "backend": slide.backend, "decoder": info.pop("decoder")},
+                "slide": info, "levels": level_meta, "skipped_levels": slide.skipped_levels,
+                "associated": associated, "label_dropped": drop_label and "label" in slide.associated_names(),
+                "preview": {"path": "preview", "levels": preview_levels}}
+        multiscale = ome_multiscale(source.stem, [(str(i), lv.downsample) for i, lv in enumerate(slide.levels)],
+                                    slide.info.mpp)
+        write_group(root, image_attributes(multiscale, zarr_format, {"wsi_idf": meta}), zarr_format)
+        shutil.rmtree(root / RECORDS_DIR, ignore_errors=True)
+        (root / PLAN_FILE).unlink(missing_ok=True)
+        finish(root, out)
+        summary = summarize(out, meta, slide, time.perf_counter() - t0, resumed)
+        summary["stage_seconds"] = {k: round(v, 2) for k, v in stats.items() if k.endswith("_s")}
+        summary["shards"], summary["shards_reused"] = stats["shards"], stats["shards_reused"]
+        summary["workers"] = sorted(str(w) for w in stats["workers"] if w is not None)
+        return summary
 
 
 def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, device: str, shard: int,
