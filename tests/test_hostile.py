@@ -375,3 +375,17 @@ def test_fuzzed_metadata_never_gives_a_traceback_a_hang_or_a_memory_blowup(refer
     report = json.loads(result.stdout.strip().splitlines()[-1])
     print("fuzz:", report["cases"], "cases, exit codes", report["exit_codes"])
     assert report["failures"] == [], json.dumps(report["failures"][:5], indent=1)
+
+
+def test_an_archive_written_by_wsi_idf_0_2_still_reads(capsys, tmp_path):
+    """Archive format 1 (patch format 2, no positions) is read as before: its level checksums
+    prove every pixel; previews and unpack work."""
+    fixture = Path(__file__).parent / "fixtures" / "archive_v1.zarr"
+    assert json.loads((fixture / "zarr.json").read_text())["attributes"]["wsi_idf"]["format_version"] == 1
+    assert verify_archive(fixture, scheduler="synchronous")["ok"]
+    archive = open_archive(fixture)
+    full = archive.region(0, 10, 20, 200, 150)
+    assert np.array_equal(full, archive.levels[0][:, 20:170, 10:210].compute().transpose(1, 2, 0))
+    assert np.array_equal(full, zarr.open_group(fixture, mode="r")["0"][:, 20:170, 10:210].transpose(1, 2, 0))
+    assert archive.region(0, 10, 20, 200, 150, levels=1).shape == (150, 200, 3)
+    assert run_cli(capsys, "unpack", str(fixture), "-o", str(tmp_path / "v1.tif"), "-q")[0] == 0

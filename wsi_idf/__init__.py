@@ -5,7 +5,7 @@ from .errors import (ArchiveError, CorruptPatchError, InvalidPatchError, SlideEr
                      WeightsMismatchError, WsiIdfError)
 from .registry import DEFAULT_MODEL, MODELS, get_model
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["open_archive", "Archive", "pack_slide", "encode_patches", "decode_patches", "ideal_bits", "get_model", "MODELS", "DEFAULT_MODEL",
            "WsiIdfError", "ArchiveError", "SlideError", "CorruptPatchError", "InvalidPatchError", "UnknownModelError", "WeightsMismatchError",

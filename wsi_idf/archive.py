@@ -218,6 +218,12 @@ def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
     if not isinstance(meta.get("wsi_idf_version"), str) or not isinstance(meta.get("skipped_levels"), list) \
             or not isinstance(meta.get("label_dropped"), bool):
         raise _damaged(path, "wsi_idf_version, skipped_levels or label_dropped", "is missing or of the wrong type")
+    for skipped in meta["skipped_levels"]:
+        skipped = _dict(path, "skipped level", skipped)
+        for key in ("level", "width", "height"):
+            _int(path, f"skipped level {key}", skipped.get(key), 0, 2**40)
+        if not isinstance(skipped.get("reason"), str):
+            raise _damaged(path, "skipped level reason", "must be text")
     slide = _dict(path, "slide", meta.get("slide"))
     for key, types in (("mpp", (list, type(None))), ("objective_power", (int, float, type(None))),
                        ("vendor", (str, type(None))), ("properties", dict), ("icc_profile", (str, type(None)))):
@@ -239,6 +245,7 @@ def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
     if not isinstance(source.get("name"), str):
         raise _damaged(path, "source name", "must be text")
     _int(path, "source size", source.get("size"), 0, 2**62)
+    _hex(path, "source sha256", source.get("sha256"), 64)
     _dict(path, "source decoder", source.get("decoder"))
 
 
@@ -304,7 +311,8 @@ def check_small_array(folder: Path, zarr_format: int) -> tuple[tuple[int, ...], 
     if zarr_format == 3:
         meta = read_json(folder / "zarr.json")
         grid = meta.get("chunk_grid")
-        chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
+        config = grid.get("configuration") if isinstance(grid, dict) else None
+        chunks = config.get("chunk_shape") if isinstance(config, dict) else None
         ok = (meta.get("node_type") == "array" and meta.get("data_type") == "uint8"
               and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}}
               and isinstance(meta.get("codecs"), list) and [c.get("name") if isinstance(c, dict) else None
