@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import CHANNELS, PATCH
-from .errors import ArchiveError, DamagedArchiveError
+from .errors import ArchiveError, DamagedArchiveError, WsiIdfError
 
 FORMAT_VERSION = 2  # 2: patches bound to their positions (patch format 3); 1: wsi-idf 0.1-0.2
 READABLE_FORMATS = (1, 2)
@@ -35,9 +35,11 @@ MAX_SMALL_IMAGE_BYTES = 2**28  # preview levels and associated images (a macro i
 NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
-def level_array_kwargs(height: int, width: int, shard: int, model: str, weights: str, zarr_format: int) -> dict:
-    """zarr.create_array arguments for one coded level."""
-    common = dict(shape=(CHANNELS, height, width), dtype="uint8", chunks=(CHANNELS, PATCH, PATCH), fill_value=0,
+def level_array_kwargs(height: int, width: int, shard: int, model: str, weights: str, zarr_format: int,
+                       chunk: int = PATCH) -> dict:
+    """zarr.create_array arguments for one coded level (``chunk``: 80 for IDF patches, the tile side
+    for a level that keeps its source tiles)."""
+    common = dict(shape=(CHANNELS, height, width), dtype="uint8", chunks=(CHANNELS, chunk, chunk), fill_value=0,
                   zarr_format=zarr_format, overwrite=True)
     if zarr_format == 3:
         from .zarr_codec import WsiIdfCodec
@@ -55,9 +57,9 @@ def standard_array_kwargs(shape: tuple[int, ...], zarr_format: int, dimension_na
     common = dict(shape=shape, dtype="uint8", chunks=chunks, fill_value=0, zarr_format=zarr_format, overwrite=True)
     if zarr_format == 3:
         from zarr.codecs import ZstdCodec
-        return dict(common, compressors=ZstdCodec(level=9), dimension_names=dimension_names)
+        return dict(common, compressors=ZstdCodec(level=19), dimension_names=dimension_names)
     from numcodecs import Zstd
-    return dict(common, compressors=Zstd(level=9), chunk_key_encoding={"name": "v2", "separator": "/"})
+    return dict(common, compressors=Zstd(level=19), chunk_key_encoding={"name": "v2", "separator": "/"})
 
 
 def chunk_path(root: Path, level: int, row: int, col: int, zarr_format: int) -> Path:
@@ -193,9 +195,15 @@ def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
             raise _damaged(path, f"{where} path", f"must be {str(i)!r}, not {str(lv.get('path'))[:40]!r}")
         _int(path, f"{where} width", lv.get("width"), 1, MAX_LEVEL_SIDE)
         _int(path, f"{where} height", lv.get("height"), 1, MAX_LEVEL_SIDE)
-        shard = _int(path, f"{where} shard", lv.get("shard"), PATCH, 64 * PATCH)
-        if shard % PATCH:
-            raise _damaged(path, f"{where} shard", f"must be a multiple of {PATCH}, not {shard}")
+        storage = lv.get("storage", "idf")
+        if storage not in ("idf", "source"):
+            raise _damaged(path, f"{where} storage", f"must be idf or source, not {str(storage)[:40]!r}")
+        chunk = PATCH if storage == "idf" else _int(path, f"{where} chunk", lv.get("chunk"), 16, 4096)
+        if lv.get("chunk", PATCH) != chunk or storage == "source" and zarr_format != 3:
+            raise _damaged(path, f"{where} chunk", f"must be {chunk} for {storage} storage in Zarr v{zarr_format}")
+        shard = _int(path, f"{where} shard", lv.get("shard"), chunk, 64 * max(chunk, PATCH))
+        if shard % chunk:
+            raise _damaged(path, f"{where} shard", f"must be a multiple of {chunk}, not {shard}")
         _number(path, f"{where} downsample", lv.get("downsample"))
         _int(path, f"{where} encoded_bytes", lv.get("encoded_bytes"), 0, 2**62)
         _hex(path, f"{where} checksum", _dict(path, f"{where} checksum", lv.get("checksum")).get("value"), 64)
@@ -291,7 +299,8 @@ def check_level_array(path: Path, level: int, lv: dict, model: dict, zarr_format
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [CHANNELS, lv["shard"], lv["shard"]]}},
             "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
             "codecs": [{"name": "sharding_indexed", "configuration": {
-                "chunk_shape": [CHANNELS, PATCH, PATCH], "codecs": [{"name": "wsi_idf", "configuration": codec}],
+                "chunk_shape": [CHANNELS, lv.get("chunk", PATCH), lv.get("chunk", PATCH)],
+                "codecs": [{"name": "wsi_idf", "configuration": codec}],
                 "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
                 "index_location": "end"}}]}
     else:
@@ -313,10 +322,11 @@ def check_small_array(folder: Path, zarr_format: int) -> tuple[tuple[int, ...], 
         grid = meta.get("chunk_grid")
         config = grid.get("configuration") if isinstance(grid, dict) else None
         chunks = config.get("chunk_shape") if isinstance(config, dict) else None
+        names = [c.get("name") if isinstance(c, dict) else None for c in meta["codecs"]] \
+            if isinstance(meta.get("codecs"), list) else None
         ok = (meta.get("node_type") == "array" and meta.get("data_type") == "uint8"
               and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}}
-              and isinstance(meta.get("codecs"), list) and [c.get("name") if isinstance(c, dict) else None
-                                                           for c in meta["codecs"]] == ["bytes", "zstd"])
+              and names in (["bytes", "zstd"], ["wsi_idf"]))
     else:
         meta = read_json(folder / ".zarray")
         chunks = meta.get("chunks")
@@ -331,14 +341,15 @@ def check_small_array(folder: Path, zarr_format: int) -> tuple[tuple[int, ...], 
             or int(np.prod(shape, dtype=object)) > MAX_SMALL_IMAGE_BYTES \
             or int(np.prod(chunks, dtype=object)) > MAX_SMALL_IMAGE_BYTES:
         raise DamagedArchiveError(f"{folder}: not a small uint8 zstd array as wsi-idf writes them: damaged or forged")
-    return tuple(shape), tuple(chunks)
+    return tuple(shape), tuple(chunks), zarr_format == 3 and names == ["wsi_idf"]
 
 
 def read_small_array(folder: Path, zarr_format: int) -> np.ndarray:
     """A preview level or associated image, each chunk decompressed into a buffer of exactly its
     size: a zstd bomb raises instead of filling memory (plain zarr does not bound this)."""
     from numcodecs import Zstd
-    shape, chunks = check_small_array(folder, zarr_format)
+    from .source_tiles import decode_chunk
+    shape, chunks, kept = check_small_array(folder, zarr_format)
     out = np.empty(shape, dtype=np.uint8)
     grid = [range(0, n, c) for n, c in zip(shape, chunks)]
     for starts in np.ndindex(*(len(g) for g in grid)):
@@ -349,10 +360,13 @@ def read_small_array(folder: Path, zarr_format: int) -> np.ndarray:
         try:
             with open(path, "rb") as f:
                 data = f.read(MAX_SMALL_IMAGE_BYTES + 1)
-            Zstd().decode(data, out=buffer)
+            if kept:  # a source image kept by the wsi_idf codec; its decoder checks sizes first
+                buffer[...] = decode_chunk(data, chunks)
+            else:
+                Zstd().decode(data, out=buffer)
         except FileNotFoundError:
             raise ArchiveError(f"{path}: chunk missing: the archive is damaged") from None
-        except (OSError, RuntimeError, ValueError) as exc:
+        except (OSError, RuntimeError, ValueError, WsiIdfError) as exc:
             raise ArchiveError(f"{path}: chunk does not decompress to its {buffer.nbytes} bytes ({exc}): "
                                "the archive is damaged") from None
         box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, chunks, shape))
@@ -451,7 +465,8 @@ def open_archive(path: str | Path) -> Archive:
     for i, lv in enumerate(meta["levels"]):
         check_level_array(path, i, lv, model, fmt)
         reader = LevelReader(path / str(i), i, lv["height"], lv["width"], lv["shard"] if fmt == 3 else PATCH, fmt,
-                             coding_model, bound=meta["format_version"] >= 2)
+                             coding_model, bound=meta["format_version"] >= 2, storage=lv.get("storage", "idf"),
+                             chunk=lv.get("chunk", PATCH))
         readers.append(reader)
         levels.append(da.from_array(CheckedLevel(reader), chunks=(CHANNELS, lv["shard"], lv["shard"]),
                                     asarray=False, fancy=False, lock=False, meta=np.empty((0, 0, 0), np.uint8)))

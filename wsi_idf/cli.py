@@ -110,13 +110,21 @@ def _sizes(archive: int, raw: int, source: int, lossy: bool) -> str:
             f"{', lossily compressed' if lossy else ''})")
 
 
+def _storage(level: dict) -> str:
+    if level.get("storage") == "source":
+        how = "JPEG tiles, recompressed with JPEG XL" if level.get("source_codec") == "jpeg" else \
+            "JPEG 2000 tiles as they are"
+        return f"source ({how})"
+    return "idf (learned lossless codec)"
+
+
 def cmd_pack(args: argparse.Namespace) -> int:
     from .pack import pack_slide, partial_path
     try:
         s = pack_slide(args.slide, args.output, model=args.model, device=args.device, backend=args.backend,
                        shard=args.shard, zarr_format=args.zarr_format, drop_label=args.drop_label,
                        overwrite=args.overwrite, resume=args.resume, scheduler=args.scheduler, workers=args.workers,
-                       resources=args.resources, progress=not args.quiet)
+                       resources=args.resources, progress=not args.quiet, codec=args.codec)
     except KeyboardInterrupt:
         print(f"wsi-idf: interrupted; the unfinished archive is kept at {partial_path(args.output)}: "
               "run the same command with --resume to finish it", file=sys.stderr)
@@ -124,6 +132,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     text = (f"{s['source']} -> {s['archive']}: {s['levels']} level(s), "
             f"{_sizes(s['archive_bytes'], s['raw_bytes'], s['source_bytes'], s['source_lossy'])}, "
             f"{s['bits_per_subpixel']} bits per sub-pixel, {s['seconds']} s")
+    text += "\nstorage   " + "; ".join(f"level {i}: {_storage(lv)}" for i, lv in enumerate(s["storage"]))
     if s["archive_bytes"] > s["source_bytes"]:
         text += ("\nnote: the archive is larger than the source file because the source is stored lossily "
                  "(e.g. JPEG): the archive keeps exactly the decoded pixels, which a lossy file only approximates"
@@ -172,7 +181,7 @@ def cmd_info(args: argparse.Namespace) -> int:
              f"ICC profile {'yes' if s['icc_profile'] else 'no'}, {s['properties']} properties"]
     for lv in s["levels"]:
         lines.append(f"level {lv['path']}   {lv['width']} x {lv['height']}, downsample {lv['downsample']:.4g}, "
-                     f"{_mb(lv['encoded_bytes'])}")
+                     f"{_mb(lv['encoded_bytes'])}, {_storage(lv)}")
     for lv in s["skipped_levels"]:
         lines.append(f"left out  source level {lv['level']} ({lv['width']} x {lv['height']}): {lv['reason']}")
     lines.append(f"images    {', '.join(s['associated']) or 'none'}"
@@ -271,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "tifffile", "openslide"],
                    help="slide reader (auto: tifffile for TIFF-based files, else OpenSlide)")
     p.add_argument("--shard", type=int, default=1280, help="shard side in pixels, a multiple of 80 (default 1280)")
+    p.add_argument("--codec", choices=["auto", "idf", "source"], default="auto",
+                   help="auto (default): keep the slide's own tiles where they are lossy (JPEG, recompressed "
+                        "losslessly with JPEG XL; JPEG 2000 as is), pixel-exact and smaller than the source, and "
+                        "code other levels with the IDF; idf: code every level's pixels with the IDF; source: "
+                        "keep every level's tiles or refuse"),
     p.add_argument("--zarr-format", type=int, choices=[2, 3], default=3,
                    help="3 (default, sharded, OME-NGFF 0.5) or 2 (one file per patch, OME-NGFF 0.4)")
     p.add_argument("--drop-label", action="store_true", help="leave out the label image (it may carry patient "

@@ -13,6 +13,7 @@ from .coding import decode_patches, encode_patches
 from .config import CHANNELS, PATCH
 from .errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
 from .model_file import CodingModel
+from . import patch_format as fmt
 from .patch_format import RAW_BYTES
 from .registry import DEFAULT_MODEL, check_model_name, check_weights_id, get_model
 
@@ -76,8 +77,14 @@ class WsiIdf(Codec):
         """Encode (N, 3, 80, 80) uint8 patches in one batch."""
         return encode_patches(patches, model=self.coding_model)
 
-    def decode_many(self, blobs: list[bytes]) -> np.ndarray:
-        """Decode many chunks in one batch: (N, 3, 80, 80) uint8."""
+    def decode_many(self, blobs: list[bytes], shape: tuple[int, ...] = (CHANNELS, PATCH, PATCH)) -> np.ndarray:
+        """Decode many chunks of one ``shape`` in one batch: (N, *shape) uint8. Chunks that keep a
+        slide's own tiles (``source_tiles``) need no model."""
+        if any(len(b) > 3 and b[:2] == fmt.MAGIC and b[3] == fmt.Mode.SOURCE for b in blobs) \
+                or tuple(shape) != (CHANNELS, PATCH, PATCH):
+            from .source_tiles import decode_chunk
+            return np.stack([decode_chunk(blob, tuple(shape)) for blob in blobs]) if blobs else \
+                np.empty((0, *shape), np.uint8)
         model = self.coding_model  # the array's own weights missing is not chunk damage
         try:
             return decode_patches(blobs, model=model)

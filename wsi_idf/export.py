@@ -125,8 +125,9 @@ def archive_info(path: str | Path) -> dict:
     slide = meta["slide"]
     return {"archive": str(archive.path), "zarr_format": archive.zarr_format, "wsi_idf_version": meta["wsi_idf_version"],
             "source": meta["source"], "model": meta["model"],
-            "levels": [{k: lv[k] for k in ("path", "width", "height", "downsample", "encoded_bytes")} for lv in
-                       meta["levels"]],
+            "levels": [{**{k: lv[k] for k in ("path", "width", "height", "downsample", "encoded_bytes")},
+                        "storage": lv.get("storage", "idf"), "source_codec": lv.get("source_codec")}
+                       for lv in meta["levels"]],
             "skipped_levels": meta["skipped_levels"], "mpp": slide["mpp"], "objective_power": slide["objective_power"],
             "vendor": slide["vendor"], "icc_profile": bool(slide.get("icc_profile")),
             "associated": meta["associated"], "label_dropped": meta["label_dropped"],

@@ -37,6 +37,39 @@ MAX_SHARD = 5120  # 64 x 64 patches: a 235 MB raw shard at most
 LOSSY_COMPRESSIONS = {"JPEG", "OJPEG", "APERIO_JP2000_RGB", "APERIO_JP2000_YCBC", "JPEG2000", "WEBP", "JPEGXR"}
 
 
+CODECS = ("auto", "idf", "source")
+
+
+@dataclass(frozen=True)
+class LevelLayout:
+    """How one level is stored: IDF patches, or the source's own tiles (``source_tiles``)."""
+    storage: str  # "idf" or "source"
+    chunk: int  # 80 for IDF patches; the source's tile side
+    shard: int  # pixels, a multiple of chunk
+    source_codec: str | None = None  # "jpeg" or "jpeg2000" for source levels
+
+
+def plan_layouts(slide: Slide, codec: str, shard: int, zarr_format: int) -> list[LevelLayout]:
+    """``auto`` keeps the tiles of levels whose tiles are lossy (JPEG, JPEG 2000) and codes the
+    others with the IDF; ``source`` insists on keeping them; ``idf`` codes every level's pixels."""
+    if codec not in CODECS:
+        raise ArchiveError(f"--codec must be one of {', '.join(CODECS)}, got {codec!r}")
+    layouts = []
+    for i in range(len(slide.levels)):
+        segments = slide.source_segments(i) if codec != "idf" and zarr_format == 3 else None
+        if segments is None:
+            if codec == "source":
+                why = "Zarr v2 archives store IDF patches only" if zarr_format != 3 else \
+                    "its tiles are not JPEG or JPEG 2000 tiles this version can keep (or the backend is OpenSlide)"
+                raise ArchiveError(f"--codec source: level {i} cannot keep its source tiles ({why}); "
+                                   "use --codec auto, which codes such levels with the IDF")
+            layouts.append(LevelLayout("idf", PATCH, shard))
+        else:
+            tile = segments.height
+            layouts.append(LevelLayout("source", tile, tile * max(1, shard // tile), segments.coding.kind))
+    return layouts
+
+
 @dataclass(frozen=True)
 class ShardJob:
     """Everything a worker needs besides the shard box; small and picklable."""
@@ -45,7 +78,7 @@ class ShardJob:
     model: str
     weights: str
     device: str
-    shard: int
+    layouts: tuple[LevelLayout, ...]
     zarr_format: int
     torch_threads: int
 
@@ -62,15 +95,18 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
     """Task: read one shard's region from the source, encode its patches in one batch, write it whole."""
     import torch
     from .coding import encode_patches
+    layout = job.layouts[box.level]
+    if layout.storage == "source":
+        return keep_source_shard(box, job, layout)
     set_torch_threads(job.torch_threads)
     root = Path(job.root)
     t0 = time.perf_counter()
     region = cached_slide(job.slide).read(box.level, box.y0, box.y1, box.x0, box.x1)
-    patches, present = cut_patches(region, job.shard)
+    patches, present = cut_patches(region, layout.shard)
     device = job.device if job.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = get_model(job.model, device, weights=job.weights)
     timings = {"read_s": time.perf_counter() - t0}
-    per_side = job.shard // PATCH
+    per_side = layout.shard // PATCH
     cells = [(box.row * per_side + int(r), box.col * per_side + int(c)) for r, c in np.argwhere(present)]
     blobs = encode_patches(patches, model=model, batch_size=64 if device == "cpu" else 256, device=device,
                            timings=timings, positions=[(box.level, r, c) for r, c in cells])
@@ -84,6 +120,37 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
               "patches": len(blobs)}
     write_atomic(record_path(root, box), json.dumps(record).encode())
     timings["write_s"] = time.perf_counter() - t1
+    return {**record, "timings": timings, "worker": worker_name()}
+
+
+def keep_source_shard(box: ShardBox, job: ShardJob, layout: LevelLayout) -> dict:
+    """Task: one shard of a ``source`` level: the source's own tiles, kept bit-exactly (JPEG
+    recompressed with JPEG XL), each checked by decoding it as tifffile does."""
+    from .source_tiles import Layout, encode_segment
+    t0 = time.perf_counter()
+    slide = cached_slide(job.slide)
+    segments = slide.source_segments(box.level)
+    tile, per_side = layout.chunk, layout.shard // layout.chunk
+    rows, cols = -(-(box.y1 - box.y0) // tile), -(-(box.x1 - box.x0) // tile)
+    cells = [(box.y0 // tile + r, box.x0 // tile + c) for r in range(rows) for c in range(cols)]
+    raw = slide.read_segments(box.level, [r * segments.across + c for r, c in cells])
+    t1 = time.perf_counter()
+    region = np.empty((rows * tile, cols * tile, 3), dtype=np.uint8)
+    blobs = []
+    for (r, c), data in zip(cells, raw):
+        blob, pixels = encode_segment(data, segments.coding, (tile, tile), Layout.PLANAR, (box.level, r, c))
+        blobs.append(blob)
+        y, x = (r - box.y0 // tile) * tile, (c - box.x0 // tile) * tile
+        region[y:y + tile, x:x + tile] = pixels
+    region = region[:box.y1 - box.y0, :box.x1 - box.x0]
+    present = np.zeros((per_side, per_side), dtype=bool)
+    present[:rows, :cols] = True
+    t2 = time.perf_counter()
+    write_atomic(chunk_path(Path(job.root), box.level, box.row, box.col, 3), build_shard(blobs, present))
+    record = {"shard": box.name, "digest": region_digest(region).hex(), "encoded_bytes": sum(map(len, blobs)),
+              "patches": len(blobs), "source_bytes": sum(map(len, raw))}
+    write_atomic(record_path(Path(job.root), box), json.dumps(record).encode())
+    timings = {"read_s": t1 - t0, "entropy_s": t2 - t1, "write_s": time.perf_counter() - t2}
     return {**record, "timings": timings, "worker": worker_name()}
 
 
@@ -105,10 +172,11 @@ def file_sha256(path: Path) -> str:
 
 
 def make_plan(slide: Slide, source: Path, model: str, weights: str, shard: int, zarr_format: int,
-              drop_label: bool) -> dict:
+              drop_label: bool, layouts: list[LevelLayout] | None = None) -> dict:
     stat = source.stat()
     return {"source": {"name": source.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
             "backend": slide.backend, "model": model, "weights": weights, "shard": shard, "zarr_format": zarr_format,
+            "layouts": [asdict(layout) for layout in layouts or []],
             "drop_label": drop_label, "levels": [asdict(lv) for lv in slide.levels], "wsi_idf_version": __version__}
 
 
@@ -141,29 +209,69 @@ def prepare_output(out: Path, plan: dict, overwrite: bool, resume: bool, source:
     return partial, False
 
 
-def create_levels(root: Path, slide: Slide, model: str, weights: str, shard: int, zarr_format: int) -> None:
+def create_levels(root: Path, slide: Slide, model: str, weights: str, layouts: list[LevelLayout],
+                  zarr_format: int) -> None:
     import zarr
-    for i, lv in enumerate(slide.levels):
-        zarr.create_array(store=str(root / str(i)),
-                          **level_array_kwargs(lv.height, lv.width, shard, model, weights, zarr_format))
+    for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):
+        zarr.create_array(store=str(root / str(i)), **level_array_kwargs(
+            lv.height, lv.width, layout.shard, model, weights, zarr_format, chunk=layout.chunk))
 
 
-def write_associated(root: Path, slide: Slide, drop_label: bool, zarr_format: int) -> list[str]:
-    """Label, macro and thumbnail images, losslessly in zstd; the label is left out on request."""
+def write_associated(root: Path, slide: Slide, drop_label: bool, zarr_format: int, keep_source: bool = False,
+                     model: str = "fast", weights: str | None = None) -> list[str]:
+    """Label, macro and thumbnail images, losslessly; the label is left out on request.
+
+    In zstd by default; with ``keep_source`` (Zarr v3) a JPEG image keeps its own strips or tiles
+    (recompressed with JPEG XL) and any other is stored as one lossless JPEG XL chunk, through the
+    ``wsi_idf`` codec: several times smaller, and a plain zarr reader with wsi-idf installed reads them."""
     import zarr
     names = [n for n in slide.associated_names() if not (drop_label and n == "label")]
     if not names:
         return []
     write_group(root / "associated", {"wsi_idf": {"associated": names}}, zarr_format)
     for name in names:
-        image = slide.associated(name)
-        arr = zarr.create_array(store=str(root / "associated" / name),
-                                **standard_array_kwargs(image.shape, zarr_format, ("y", "x", "c")))
-        arr[...] = image
+        folder = root / "associated" / name
+        if not (keep_source and zarr_format == 3):
+            image = slide.associated(name)
+            arr = zarr.create_array(store=str(folder), **standard_array_kwargs(image.shape, zarr_format, ("y", "x", "c")))
+            arr[...] = image
+            continue
+        write_associated_source(folder, slide, name, model, weights)
     return names
 
 
-def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp) -> int:
+def write_associated_source(folder: Path, slide: Slide, name: str, model: str, weights: str | None) -> None:
+    import zarr
+    from .source_tiles import Layout, encode_pixels, encode_segment
+    from .zarr_codec import WsiIdfCodec
+    image = slide.associated(name)
+    h, w, _ = image.shape
+    segments = slide.source_segments(name)
+    if segments is not None and segments.coding.kind == "jpeg":
+        ch, cw, across = segments.height, segments.width, segments.across
+        chunks = {}
+        for i, data in enumerate(slide.read_segments(name, list(range(segments.count)))):
+            r, c = divmod(i, across)
+            true = (min(ch, h - r * ch), min(cw, w - c * cw))
+            blob, pixels = encode_segment(data, segments.coding, true, Layout.INTERLEAVED, chunk=(ch, cw))
+            if not np.array_equal(pixels, image[r * ch:r * ch + true[0], c * cw:c * cw + true[1]]):
+                raise ArchiveError(f"the {name} image's own segments do not decode to its pixels; "
+                                   "use --codec idf")
+            chunks[(r, c)] = blob
+    else:
+        ch, cw = h, w
+        chunks = {(0, 0): encode_pixels(image, Layout.INTERLEAVED)}
+    zarr.create_array(store=str(folder), shape=(h, w, 3), chunks=(ch, cw, 3), dtype="uint8", fill_value=0,
+                      serializer=WsiIdfCodec(model=model, weights=weights), compressors=None, zarr_format=3,
+                      dimension_names=("y", "x", "c"), overwrite=True)
+    for (r, c), blob in chunks.items():
+        write_atomic(folder / "c" / str(r) / str(c) / "0", blob)
+
+
+PREVIEW_MAX_SOURCE = 512  # when levels keep their compact source tiles, a zstd preview would dominate the archive
+
+
+def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp, max_side: int = PREVIEW_MAX) -> int:
     """A small pyramid (longest side at most 1024 and at least 8x below level 0, halving down to 256) in
     zstd, from the smallest level.
 
@@ -176,7 +284,7 @@ def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp) ->
     factor = 1
     # at most PREVIEW_MAX a side and at least PREVIEW_DOWNSAMPLE below level 0: a preview stays a small
     # fraction of the archive even for a small single-level image
-    while ((max(lv.width, lv.height) / factor > PREVIEW_MAX or lv.downsample * factor < PREVIEW_DOWNSAMPLE)
+    while ((max(lv.width, lv.height) / factor > max_side or lv.downsample * factor < PREVIEW_DOWNSAMPLE)
            and min(lv.width, lv.height) // (2 * factor) >= 1):
         factor *= 2
     source = level_as_dask(slide.ref, smallest)
@@ -211,8 +319,12 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
                backend: str = "auto", shard: int = DEFAULT_SHARD, zarr_format: int = 3, drop_label: bool = False,
                overwrite: bool = False, resume: bool = False, scheduler: str | None = None,
                workers: int | None = None, resources: dict[str, float] | None = None,
-               progress: bool = False) -> dict:
+               progress: bool = False, codec: str = "auto") -> dict:
     """Pack ``source`` into the archive ``out``; return a summary (sizes, ratios, bits per sub-pixel, time).
+
+    ``codec``: ``auto`` keeps the source's own tiles where they are lossy (JPEG, JPEG 2000: smaller
+    than re-coding their pixels, still pixel-exact) and codes other levels with the IDF;
+    ``idf`` codes every level with the IDF; ``source`` keeps every level's tiles or refuses.
 
     Bad input raises before anything is written. A failed or interrupted pack leaves only
     ``OUT.partial``, which ``resume=True`` finishes; ``OUT`` appears only when complete.
@@ -231,7 +343,8 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
         require_device(device)  # before anything is written
     weights = get_model(model_entry.name, "cpu").sha256
     slide = open_slide(source, backend)
-    plan = make_plan(slide, source, model_entry.name, weights, shard, zarr_format, drop_label)
+    layouts = plan_layouts(slide, codec, shard, zarr_format)
+    plan = make_plan(slide, source, model_entry.name, weights, shard, zarr_format, drop_label, layouts)
     if not out.parent.exists():
         try:
             out.parent.mkdir(parents=True)
@@ -243,12 +356,15 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
             with ThreadPoolExecutor(1) as hasher:
                 source_hash = hasher.submit(file_sha256, source)
                 if not resumed or not (root / "0").exists():
-                    create_levels(root, slide, model_entry.name, weights, shard, zarr_format)
+                    create_levels(root, slide, model_entry.name, weights, layouts, zarr_format)
                 with runner(scheduler, workers, device, resources) as run:
-                    records, stats = run_shards(run, slide, root, model_entry.name, weights, device, shard,
+                    records, stats = run_shards(run, slide, root, model_entry.name, weights, device, layouts,
                                                 zarr_format, progress)
-                associated = write_associated(root, slide, drop_label, zarr_format)
-                preview_levels = write_preview(root, slide, zarr_format, source.stem, slide.info.mpp)
+                associated = write_associated(root, slide, drop_label, zarr_format, keep_source=codec != "idf",
+                                              model=model_entry.name, weights=weights)
+                preview_levels = write_preview(
+                    root, slide, zarr_format, source.stem, slide.info.mpp,
+                    PREVIEW_MAX_SOURCE if any(layout.storage == "source" for layout in layouts) else PREVIEW_MAX)
                 sha256 = source_hash.result()
         except SlideError:
             shutil.rmtree(root, ignore_errors=True)  # the source is unreadable: resuming cannot help
@@ -259,13 +375,17 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
             raise ArchiveError(f"pack stopped ({type(exc).__name__}: {exc}); the unfinished archive is kept at "
                                f"{root}: run the same command with --resume to finish it") from exc
         level_meta = []
-        for i, lv in enumerate(slide.levels):
-            recs = [records[box.name] for box in shard_boxes(i, lv.height, lv.width, shard)]
-            level_meta.append({"path": str(i), "width": lv.width, "height": lv.height, "downsample": lv.downsample,
-                               "shard": shard, "patches": sum(r["patches"] for r in recs),
-                               "encoded_bytes": sum(r["encoded_bytes"] for r in recs),
-                               "checksum": {"algorithm": f"sha256-of-{shard}px-tile-sha256s",
-                                            "value": level_checksum([bytes.fromhex(r["digest"]) for r in recs])}})
+        for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):
+            recs = [records[box.name] for box in shard_boxes(i, lv.height, lv.width, layout.shard)]
+            entry_ = {"path": str(i), "width": lv.width, "height": lv.height, "downsample": lv.downsample,
+                      "shard": layout.shard, "storage": layout.storage, "chunk": layout.chunk,
+                      "patches": sum(r["patches"] for r in recs), "encoded_bytes": sum(r["encoded_bytes"] for r in recs),
+                      "checksum": {"algorithm": f"sha256-of-{layout.shard}px-tile-sha256s",
+                                   "value": level_checksum([bytes.fromhex(r["digest"]) for r in recs])}}
+            if layout.storage == "source":
+                entry_["source_codec"] = layout.source_codec
+                entry_["source_bytes"] = sum(r["source_bytes"] for r in recs)
+            level_meta.append(entry_)
         info = slide.info.to_json()
         if drop_label:
             info["properties"] = {k: v for k, v in info["properties"].items()
@@ -290,15 +410,16 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
         return summary
 
 
-def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, device: str, shard: int,
-               zarr_format: int, progress: bool) -> tuple[dict[str, dict], dict]:
+def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, device: str,
+               layouts: list[LevelLayout], zarr_format: int, progress: bool) -> tuple[dict[str, dict], dict]:
     """Encode every shard not yet recorded; return the records of all shards by name, and the
     seconds per stage summed over the tasks run now with the workers that ran them."""
-    job = ShardJob(slide.ref, str(root.resolve()), model, weights, device, shard, zarr_format, run.torch_threads)
+    job = ShardJob(slide.ref, str(root.resolve()), model, weights, device, tuple(layouts), zarr_format,
+                   run.torch_threads)
     records: dict[str, dict] = {}
     todo: list[ShardBox] = []
-    for i, lv in enumerate(slide.levels):
-        for box in shard_boxes(i, lv.height, lv.width, shard):
+    for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):
+        for box in shard_boxes(i, lv.height, lv.width, layout.shard):
             path = record_path(root, box)
             if path.is_file():
                 records[box.name] = json.loads(path.read_text())
@@ -342,6 +463,8 @@ def summarize(out: Path, meta: dict, slide: Slide, seconds: float, resumed: bool
             "raw_bytes": raw, "archive_bytes": archive, "source_bytes": source_size,
             "ratio_to_raw": round(raw / archive, 3), "ratio_to_source": round(source_size / archive, 3),
             "bits_per_subpixel": round(8 * coded / raw, 4), "seconds": round(seconds, 2),
+            "storage": [{"storage": lv.get("storage", "idf"), "source_codec": lv.get("source_codec")}
+                        for lv in meta["levels"]],
             "source_lossy": compression in LOSSY_COMPRESSIONS or slide.backend == "openslide" and
             slide.info.vendor in {"aperio", "hamamatsu", "mirax", "leica", "philips", "ventana"},
             "resumed": resumed}

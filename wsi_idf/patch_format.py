@@ -3,7 +3,7 @@
     offset  size  field
     0       2     magic b"WI"
     2       1     format version (1, 2 or 3)
-    3       1     mode: 0 raw, 1 IDF, 2 deflate
+    3       1     mode: 0 raw, 1 IDF, 2 deflate, 3 source (version 3: a kept source tile)
     4       4     first 4 bytes of the model file's sha256 (model id + weights hash)
     8       4     CRC32C of the raw pixels (C order, (3, 80, 80) uint8), little-endian; in version 3
                   extended over the position bytes, so a patch moved to another place fails its check
@@ -52,6 +52,7 @@ class Mode(IntEnum):
     RAW = 0
     IDF = 1
     DEFLATE = 2
+    SOURCE = 3  # version 3: a slide's own compressed tile, kept (``wsi_idf.source_tiles``)
 
 
 Position = tuple[int, int, int]  # (pyramid level, chunk row, chunk column)

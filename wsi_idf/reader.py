@@ -47,11 +47,19 @@ class LevelReader:
     zarr_format: int
     model: CodingModel  # pinned: the archive's weights
     bound: bool  # patches carry their positions (archive format 2)
+    storage: str = "idf"  # or "source": the slide's own tiles (``source_tiles``)
+    chunk: int = PATCH  # chunk side: 80 for IDF patches, the tile side for source tiles
 
     @property
     def grid(self) -> tuple[int, int]:
         """Chunk rows and columns of the level."""
-        return -(-self.height // PATCH), -(-self.width // PATCH)
+        return -(-self.height // self.chunk), -(-self.width // self.chunk)
+
+    @property
+    def max_chunk_bytes(self) -> int:
+        """No stored chunk is larger: the IDF encoder never exceeds raw + header; a kept JPEG or
+        JPEG 2000 tile is taken to be at most twice its raw pixels."""
+        return MAX_PATCH_BYTES if self.storage == "idf" else 2 * 3 * self.chunk * self.chunk + 4096
 
     def shard_path(self, srow: int, scol: int) -> Path:
         return self.root / "c" / "0" / str(srow) / str(scol)
@@ -67,16 +75,19 @@ class LevelReader:
         from .coding import check_levels
         check_region(self.level, x, y, width, height, self.width, self.height)
         check_levels(levels, self.model)
-        rows = range(y // PATCH, (y + height - 1) // PATCH + 1)
-        cols = range(x // PATCH, (x + width - 1) // PATCH + 1)
+        side = self.chunk
+        if self.storage == "source":
+            levels = None  # kept tiles have no flow levels: always exact
+        rows = range(y // side, (y + height - 1) // side + 1)
+        cols = range(x // side, (x + width - 1) // side + 1)
         blobs, counter = self.chunks(rows, cols, levels)
         keys = sorted(blobs)
         patches = self.decode([blobs[k] for k in keys], keys, levels)
-        out = np.empty((len(rows) * PATCH, len(cols) * PATCH, CHANNELS), dtype=np.uint8)
+        out = np.empty((len(rows) * side, len(cols) * side, CHANNELS), dtype=np.uint8)
         for (r, c), patch in zip(keys, patches):
-            out[(r - rows[0]) * PATCH:(r - rows[0] + 1) * PATCH,
-                (c - cols[0]) * PATCH:(c - cols[0] + 1) * PATCH] = patch.transpose(1, 2, 0)
-        y0, x0 = y - rows[0] * PATCH, x - cols[0] * PATCH
+            out[(r - rows[0]) * side:(r - rows[0] + 1) * side,
+                (c - cols[0]) * side:(c - cols[0] + 1) * side] = patch.transpose(1, 2, 0)
+        y0, x0 = y - rows[0] * side, x - cols[0] * side
         return np.ascontiguousarray(out[y0:y0 + height, x0:x0 + width]), counter
 
     def decode(self, blobs: list[bytes], cells: list[tuple[int, int]], levels: int | None = None) -> np.ndarray:
@@ -85,10 +96,22 @@ class LevelReader:
         from .coding import decode_patches
         positions = [(self.level, r, c) for r, c in cells] if self.bound else None
         try:
+            if self.storage == "source":
+                from .source_tiles import decode_chunk
+                shape = (CHANNELS, self.chunk, self.chunk)
+                out = np.empty((len(blobs), *shape), dtype=np.uint8)
+                for i, (blob, (r, c)) in enumerate(zip(blobs, cells)):
+                    try:
+                        out[i] = decode_chunk(blob, shape, (self.level, r, c), check_position=self.bound)
+                    except CorruptPatchError as exc:
+                        exc.index = i
+                        raise
+                return out
             return decode_patches(blobs, model=self.model, levels=levels, positions=positions)
         except (CorruptPatchError, WeightsMismatchError) as exc:
             r, c = cells[exc.index] if getattr(exc, "index", None) is not None else (None, None)
-            where = f"patch x={c * PATCH}, y={r * PATCH}" if r is not None else "a patch"
+            where = f"{'tile' if self.storage == 'source' else 'patch'} x={c * self.chunk}, y={r * self.chunk}" \
+                if r is not None else "a patch"
             reason = str(exc).split(": ", 1)[-1] if isinstance(exc, CorruptPatchError) else \
                 f"it names other weights than its archive ({exc})"
             raise CorruptPatchError(f"level {self.level} {where} is damaged: {reason}") from None
@@ -104,13 +127,13 @@ class LevelReader:
                     try:
                         with open(path, "rb") as f:
                             size = f.seek(0, 2)
-                            if not 0 < size <= MAX_PATCH_BYTES:
+                            if not 0 < size <= self.max_chunk_bytes:
                                 raise ArchiveError(f"{path}: chunk file of {size} bytes: it is damaged")
                             blobs[(r, c)] = _chunk_prefix(f, 0, size, levels, counter)
                     except FileNotFoundError:
                         raise ArchiveError(f"{path}: chunk file missing: the archive is damaged") from None
             return blobs, counter[0]
-        per_side = self.shard // PATCH
+        per_side = self.shard // self.chunk
         for srow in sorted({r // per_side for r in rows}):
             for scol in sorted({c // per_side for c in cols}):
                 wanted = [(r, c) for r in rows for c in cols if r // per_side == srow and c // per_side == scol]
@@ -120,7 +143,7 @@ class LevelReader:
     def shard_index(self, srow: int, scol: int, f, size: int, counter: list[int]) -> np.ndarray:
         """The checked (per_side, per_side, 2) index of one open shard file."""
         path = self.shard_path(srow, scol)
-        per_side = self.shard // PATCH
+        per_side = self.shard // self.chunk
         index_size = 16 * per_side * per_side + 4
         if size < index_size:
             raise ArchiveError(f"{path}: shard file of {size} bytes is shorter than its index: it is damaged")
@@ -135,7 +158,7 @@ class LevelReader:
         if np.any(offsets[~inside] != EMPTY) or np.any(offsets[inside] == EMPTY):
             raise ArchiveError(f"{path}: shard index has chunks missing or outside the level: the shard is damaged")
         sizes_in = sizes[inside]
-        if np.any(sizes_in == 0) or np.any(sizes_in > MAX_PATCH_BYTES):
+        if np.any(sizes_in == 0) or np.any(sizes_in > self.max_chunk_bytes):
             raise ArchiveError(f"{path}: shard index gives a chunk an impossible size: the shard is damaged")
         expected = np.concatenate([[0], np.cumsum(sizes_in)])
         if np.any(offsets[inside] != expected[:-1]) or int(expected[-1]) != size - index_size:
@@ -146,7 +169,7 @@ class LevelReader:
     def _read_shard(self, srow: int, scol: int, wanted: list[tuple[int, int]], levels: int | None,
                     blobs: dict, counter: list[int]) -> None:
         path = self.shard_path(srow, scol)
-        per_side = self.shard // PATCH
+        per_side = self.shard // self.chunk
         try:
             f = open(path, "rb")
         except FileNotFoundError:

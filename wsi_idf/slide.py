@@ -58,6 +58,16 @@ class SlideInfo:
                 "properties": self.properties, "decoder": self.decoder}
 
 
+@dataclass(frozen=True)
+class SourceSegments:
+    """A level's (or associated image's) own compressed tiles or strips, as stored in the file."""
+    coding: object  # source_tiles.TileCoding
+    height: int  # of a tile, or rows per strip
+    width: int
+    across: int  # tiles per row (1 for strips)
+    count: int
+
+
 class Slide:
     """One open slide. Subclasses implement ``_read`` for their backend."""
 
@@ -96,6 +106,15 @@ class Slide:
 
     def associated(self, name: str) -> np.ndarray:
         """A label, macro or thumbnail image as (h, w, 3) uint8."""
+        raise NotImplementedError
+
+    def source_segments(self, level: int | str) -> SourceSegments | None:
+        """How a level (or an associated image, by name) is compressed in the file, when its own
+        tiles or strips can be kept (``--codec source``); None when only its pixels can be coded."""
+        return None
+
+    def read_segments(self, level: int | str, indices: list[int]) -> list[bytes]:
+        """The stored bytes of tiles or strips ``indices`` of a level or associated image."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -192,6 +211,39 @@ class TiffSlide(Slide):
 
     def associated(self, name: str) -> np.ndarray:
         return np.ascontiguousarray(self._associated_series()[name].asarray())
+
+    def _page(self, level: int | str):
+        series = self._associated_series()[level] if isinstance(level, str) else self._series.levels[level]
+        return series.pages[0] if len(series.pages) == 1 else None
+
+    def source_segments(self, level: int | str) -> SourceSegments | None:
+        from .source_tiles import MAX_TILE, page_coding
+        page = self._page(level)
+        if page is None or page.is_tiled and page.imagedepth > 1:
+            return None
+        coding = page_coding(page)
+        if coding is None:
+            return None
+        if page.is_tiled:
+            height, width = page.tilelength, page.tilewidth
+            across = -(-page.imagewidth // width)
+        else:
+            height, width, across = min(page.rowsperstrip, page.imagelength), page.imagewidth, 1
+        if not (16 <= height <= MAX_TILE and 16 <= width <= MAX_TILE) or page.is_tiled and height != width:
+            return None
+        if len(page.dataoffsets) != -(-page.imagelength // height) * across:
+            return None
+        return SourceSegments(coding, height, width, across, len(page.dataoffsets))
+
+    def read_segments(self, level: int | str, indices: list[int]) -> list[bytes]:
+        page = self._page(level)
+        handle = self._tif.filehandle
+        out = []
+        with handle.lock:
+            for i in indices:
+                handle.seek(page.dataoffsets[i])
+                out.append(handle.read(page.databytecounts[i]))
+        return out
 
     def close(self) -> None:
         self._tif.close()

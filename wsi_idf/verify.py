@@ -43,12 +43,12 @@ DECODE_ERRORS = (CorruptPatchError, WsiIdfError, ValueError, OSError, RuntimeErr
 
 def damaged_patches(reader, box: ShardBox) -> list[list[int]]:
     """The [level, x, y] of each patch in a shard that does not decode, read one at a time."""
-    from .config import PATCH
+    side = reader.chunk
     damaged = []
-    for y in range(box.y0, box.y1, PATCH):
-        for x in range(box.x0, box.x1, PATCH):
+    for y in range(box.y0, box.y1, side):
+        for x in range(box.x0, box.x1, side):
             try:
-                reader.region(x, y, min(PATCH, box.x1 - x), min(PATCH, box.y1 - y))
+                reader.region(x, y, min(side, box.x1 - x), min(side, box.y1 - y))
             except DECODE_ERRORS:
                 damaged.append([box.level, x, y])
     return damaged

@@ -83,7 +83,7 @@ class WsiIdfCodec(ArrayBytesCodec):
             raise ValueError(f"the wsi_idf codec stores uint8 RGB, not {dtype.to_native_dtype()}")
 
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
-        patch = self._codec.decode(chunk_bytes.to_bytes())
+        patch = self._codec.decode_many([chunk_bytes.to_bytes()], tuple(chunk_spec.shape))[0]
         return chunk_spec.prototype.nd_buffer.from_numpy_array(patch.reshape(chunk_spec.shape))
 
     def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
@@ -117,10 +117,13 @@ class WsiIdfCodec(ArrayBytesCodec):
         items = list(chunks_and_specs)
         present = [i for i, (data, _) in enumerate(items) if data is not None]
         out: list[NDBuffer | None] = [None] * len(items)
-        if present:
-            blobs = [items[i][0].to_bytes() for i in present]  # type: ignore[union-attr]
-            patches = await asyncio.to_thread(_bounded, self._codec.decode_many, blobs)
-            for i, patch in zip(present, patches):
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i in present:
+            by_shape.setdefault(tuple(items[i][1].shape), []).append(i)
+        for shape, indices in by_shape.items():  # IDF patches, or a level's kept source tiles
+            blobs = [items[i][0].to_bytes() for i in indices]  # type: ignore[union-attr]
+            patches = await asyncio.to_thread(_bounded, self._codec.decode_many, blobs, shape)
+            for i, patch in zip(indices, patches):
                 spec = items[i][1]
                 out[i] = spec.prototype.nd_buffer.from_numpy_array(patch.reshape(spec.shape))
         return out

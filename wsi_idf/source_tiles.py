@@ -1,0 +1,215 @@
+"""Keeping a slide's own compressed tiles (``--codec source``): smaller than re-coding their pixels.
+
+Most slides were JPEG or JPEG 2000 compressed at scan time. Re-coding those decoded pixels
+losslessly costs several times the file; keeping the tiles costs less than the file:
+
+- JPEG tiles (JPEGTables merged in) are recompressed losslessly with JPEG XL's JPEG
+  reconstruction (``jpegxl_encode_jpeg``; about 0.72x on the CMU slide). Reading rebuilds the
+  exact JPEG bytes and decodes them with the call tifffile makes (libjpeg-turbo through
+  imagecodecs, the same colour-space choice), so the pixels are tifffile's, never libjxl's.
+  A tile JPEG XL cannot rebuild exactly is kept as JPEG.
+- JPEG 2000 tiles are kept as they are and decoded as tifffile does (OpenJPEG via imagecodecs).
+- Associated images that are not JPEG (e.g. an LZW label) are stored as lossless JPEG XL.
+
+Each chunk is a patch-format blob (mode ``SOURCE``): the usual header with the CRC32C of its
+decoded pixels and its position, then a 4-byte source header (kind, JPEG colour spaces, pixel
+layout) and the data. So a damaged source chunk raises like a damaged IDF patch.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from . import patch_format as fmt
+from .errors import CorruptPatchError
+
+SOURCE_HEADER = struct.Struct("<BBBB")  # kind, colorspace, outcolorspace (255: None), layout
+NO_ID = b"\0\0\0\0"  # source chunks use no model
+LOSSY_KINDS = {"JPEG": "jpeg", "APERIO_JP2000_RGB": "jpeg2000", "JPEG2000": "jpeg2000"}
+MAX_TILE = 4096
+
+
+class Kind(IntEnum):
+    JPEG_AS_JPEGXL = 1  # a JPEG stream, losslessly recompressed
+    JPEG = 2  # a JPEG stream kept as it is
+    JPEG2000 = 3  # a JPEG 2000 codestream kept as it is
+    PIXELS_JPEGXL = 4  # pixels in lossless JPEG XL (associated images without a lossy source)
+
+
+class Layout(IntEnum):
+    PLANAR = 0  # (3, h, w): pyramid levels
+    INTERLEAVED = 1  # (h, w, 3): associated images
+
+
+@dataclass(frozen=True)
+class TileCoding:
+    """How one TIFF page's tiles (or strips) were compressed: what decoding them needs."""
+    kind: str  # "jpeg" or "jpeg2000"
+    tables: bytes | None  # JPEGTables
+    colorspace: int | None  # tifffile's jpeg_decode arguments
+    outcolorspace: int | None
+
+
+def page_coding(page) -> TileCoding | None:
+    """The lossy coding of a tifffile page whose segments can be kept, or None (then code its pixels)."""
+    kind = LOSSY_KINDS.get(page.compression.name)
+    if kind is None or page.planarconfig != 1 or page.samplesperpixel != 3 or page.bitspersample != 8 \
+            or page.extrasamples:
+        return None
+    colorspace = outcolorspace = None
+    if kind == "jpeg":
+        from tifffile.tifffile import jpeg_decode_colorspace
+        colorspace, outcolorspace = jpeg_decode_colorspace(page.photometric, page.planarconfig,
+                                                           page.extrasamples, page.is_jfif)
+        if not all(v is None or isinstance(v, int) and 0 <= v < 255 for v in (colorspace, outcolorspace)):
+            return None
+    return TileCoding(kind, page.jpegtables, colorspace, outcolorspace)
+
+
+def merge_tables(segment: bytes, tables: bytes | None) -> bytes:
+    """One JPEG stream from a TIFF segment and the page's JPEGTables (SOI + tables + the rest)."""
+    if not tables:
+        return segment
+    if tables[:2] != b"\xff\xd8" or tables[-2:] != b"\xff\xd9" or segment[:2] != b"\xff\xd8":
+        raise ValueError("JPEG segment or tables without SOI/EOI markers")
+    return segment[:2] + tables[2:-2] + segment[2:]
+
+
+def decode_segment(data: bytes, coding: TileCoding, shape: tuple[int, int]) -> np.ndarray:
+    """(h, w, 3) pixels of one source segment, decoded exactly as tifffile does."""
+    import imagecodecs
+    if coding.kind == "jpeg":
+        pixels = imagecodecs.jpeg_decode(data, bitspersample=8, tables=coding.tables, colorspace=coding.colorspace,
+                                         outcolorspace=coding.outcolorspace, shape=shape)
+    else:
+        pixels = imagecodecs.jpeg2k_decode(data)
+    return np.ascontiguousarray(pixels).reshape(pixels.shape[0], pixels.shape[1], -1)
+
+
+def _header(kind: Kind, coding: TileCoding | None, layout: Layout) -> bytes:
+    cs = 255 if coding is None or coding.colorspace is None else coding.colorspace
+    ocs = 255 if coding is None or coding.outcolorspace is None else coding.outcolorspace
+    return SOURCE_HEADER.pack(int(kind), cs, ocs, int(layout))
+
+
+def _planar(pixels: np.ndarray, layout: Layout) -> np.ndarray:
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1) if layout == Layout.PLANAR else pixels)
+
+
+def _padded(pixels: np.ndarray, chunk: tuple[int, int]) -> np.ndarray:
+    """Pixels in a chunk of ``chunk`` (h, w), zeros beyond: a TIFF's last strip is shorter than the rest."""
+    if pixels.shape[:2] == tuple(chunk):
+        return pixels
+    out = np.zeros((*chunk, 3), dtype=np.uint8)
+    out[:pixels.shape[0], :pixels.shape[1]] = pixels
+    return out
+
+
+def encode_segment(segment: bytes, coding: TileCoding, shape: tuple[int, int], layout: Layout,
+                   position: fmt.Position | None = None, chunk: tuple[int, int] | None = None
+                   ) -> tuple[bytes, np.ndarray]:
+    """A chunk keeping one source segment of ``shape`` (h, w) in a chunk of ``chunk`` (default: the
+    same), and its (h, w, 3) pixels (for checksums and verification)."""
+    import imagecodecs
+    pixels = decode_segment(segment, coding, shape)
+    if pixels.shape[:2] != tuple(shape):
+        raise ValueError(f"a source segment decodes to {pixels.shape[:2]}, not {tuple(shape)}")
+    place = fmt.position_bytes(position)
+    crc = fmt.pixel_checksum(_planar(_padded(pixels, chunk or shape), layout), place)
+    if coding.kind == "jpeg":
+        stream = merge_tables(segment, coding.tables)
+        kind, data = Kind.JPEG, stream
+        try:
+            packed = imagecodecs.jpegxl_encode_jpeg(stream)
+            if imagecodecs.jpegxl_decode_jpeg(packed) == stream and len(packed) < len(stream):
+                kind, data = Kind.JPEG_AS_JPEGXL, packed
+        except Exception:  # noqa: BLE001 - libjxl declines some JPEGs: keep those as they are
+            pass
+        coded = TileCoding("jpeg", None, coding.colorspace, coding.outcolorspace)  # tables are merged in
+        return fmt.pack(fmt.Mode.SOURCE, NO_ID, crc, _header(kind, coded, layout) + bytes(data), place), pixels
+    return fmt.pack(fmt.Mode.SOURCE, NO_ID, crc, _header(Kind.JPEG2000, None, layout) + segment, place), pixels
+
+
+def encode_pixels(pixels: np.ndarray, layout: Layout, position: fmt.Position | None = None) -> bytes:
+    """A chunk of (h, w, 3) pixels in lossless JPEG XL (an associated image without a lossy source)."""
+    import imagecodecs
+    place = fmt.position_bytes(position)
+    crc = fmt.pixel_checksum(_planar(pixels, layout), place)
+    data = imagecodecs.jpegxl_encode(np.ascontiguousarray(pixels), lossless=True, effort=9)
+    return fmt.pack(fmt.Mode.SOURCE, NO_ID, crc, _header(Kind.PIXELS_JPEGXL, None, layout) + bytes(data), place)
+
+
+def _jpeg_size(stream: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's SOF marker, read before decoding so no forged size is allocated."""
+    i = 2
+    while i + 9 < len(stream):
+        if stream[i] != 0xFF:
+            return None
+        marker = stream[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = int.from_bytes(stream[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(stream[i + 5:i + 7], "big"), int.from_bytes(stream[i + 7:i + 9], "big")
+        i += 2 + length
+    return None
+
+
+def _j2k_size(stream: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG 2000 codestream's SIZ marker."""
+    if stream[:4] != b"\xff\x4f\xff\x51" or len(stream) < 24:
+        return None
+    xsiz, ysiz, xo, yo = struct.unpack(">IIII", stream[8:24])
+    return ysiz - yo, xsiz - xo
+
+
+def decode_chunk(blob: bytes, shape: tuple[int, ...], position: fmt.Position | None = None,
+                 check_position: bool = False) -> np.ndarray:
+    """The pixels of a ``SOURCE`` chunk in the array's chunk ``shape`` ((3, h, w) or (h, w, 3)).
+
+    Sizes are read from the stream headers and must fit the chunk before anything is decoded;
+    the result must match the chunk's CRC32C. Edge chunks of the source are full tiles, as in TIFF.
+    """
+    import imagecodecs
+    header, payload = fmt.unpack(blob)
+    if header.mode != fmt.Mode.SOURCE or len(payload) < SOURCE_HEADER.size:
+        raise CorruptPatchError("not a source chunk, or truncated: it is damaged")
+    if check_position and header.position != position:
+        raise CorruptPatchError(f"it was written for {header.position}, not {position} (level, row, column): "
+                                "a moved or aliased chunk")
+    kind, cs, ocs, layout = SOURCE_HEADER.unpack_from(payload)
+    data = bytes(payload[SOURCE_HEADER.size:])
+    try:
+        kind, layout = Kind(kind), Layout(layout)
+    except ValueError:
+        raise CorruptPatchError("unknown source chunk kind or layout: it is damaged") from None
+    h, w = (shape[1], shape[2]) if layout == Layout.PLANAR else (shape[0], shape[1])
+    expected = (3, h, w) if layout == Layout.PLANAR else (h, w, 3)
+    if tuple(shape) != expected:
+        raise CorruptPatchError(f"source chunk of layout {layout.name} does not fit the chunk shape {tuple(shape)}")
+    try:
+        if kind == Kind.PIXELS_JPEGXL:
+            pixels = imagecodecs.jpegxl_decode(data, out=np.empty((h, w, 3), np.uint8))
+        else:
+            if kind == Kind.JPEG_AS_JPEGXL:
+                data = imagecodecs.jpegxl_decode_jpeg(data)
+            size = _j2k_size(data) if kind == Kind.JPEG2000 else _jpeg_size(data)
+            if size is None or not (0 < size[0] <= h and 0 < size[1] <= w):
+                raise CorruptPatchError(f"the stream's size {size} does not fit the chunk's {(h, w)}")
+            coding = TileCoding("jpeg2000" if kind == Kind.JPEG2000 else "jpeg", None,
+                                None if cs == 255 else cs, None if ocs == 255 else ocs)
+            pixels = _padded(decode_segment(data, coding, size), (h, w))
+    except CorruptPatchError as exc:
+        raise CorruptPatchError(f"source chunk is damaged: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the decoders raise several types for damaged data
+        raise CorruptPatchError(f"source chunk does not decode ({type(exc).__name__}: {exc}): it is damaged") from None
+    if pixels.shape != (h, w, 3) or pixels.dtype != np.uint8:
+        raise CorruptPatchError(f"source chunk decodes to {pixels.shape} {pixels.dtype}, not ({h}, {w}, 3) uint8")
+    out = _planar(pixels, layout)
+    if fmt.header_checksum(header, out) != header.crc32c:
+        raise CorruptPatchError("source chunk's pixel checksum (CRC32C) does not match: it is damaged")
+    return out
