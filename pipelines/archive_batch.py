@@ -8,7 +8,8 @@ Every slide goes through the same ``wsi_idf.pack_slide`` on the same Dask cluste
 the cluster was made. A failing slide is recorded in the manifest and the batch goes on.
 Running the same command again skips finished archives and resumes interrupted ones.
 The manifest (``manifest.csv`` and ``manifest.json`` in the output folder) is rewritten after
-every slide: per slide the status, sizes, ratios, bits per sub-pixel, level checksums, time, error.
+every slide: per slide the status, sizes, ratios, bits per sub-pixel, how each level is stored
+(idf or source), level checksums, time, error.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ log = logging.getLogger("wsi_idf")
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
 FIELDS = ["slide", "archive", "status", "source_bytes", "raw_bytes", "archive_bytes", "ratio_to_raw",
-          "ratio_to_source", "bits_per_subpixel", "level_checksums", "seconds", "error"]
+          "ratio_to_source", "bits_per_subpixel", "level_storage", "level_checksums", "seconds", "error"]
+EARLIER_FIELDS = [f for f in FIELDS if f != "level_storage"]  # manifests of wsi-idf 0.1-0.2
 
 
 def find_slides(source: Path, recursive: bool = False) -> list[Path]:
@@ -71,6 +73,7 @@ def finished_row(slide: Path, out: Path, earlier: dict | None) -> dict:
     return {"slide": str(slide), "archive": str(out), "status": "done", "source_bytes": source["size"],
             "raw_bytes": raw, "archive_bytes": size, "ratio_to_raw": round(raw / size, 3),
             "ratio_to_source": round(source["size"] / size, 3), "bits_per_subpixel": round(8 * coded / raw, 4),
+            "level_storage": ";".join(lv.get("storage", "idf") for lv in meta["levels"]),
             "level_checksums": ";".join(lv["checksum"]["value"] for lv in meta["levels"]),
             "seconds": (earlier or {}).get("seconds", ""), "error": ""}
 
@@ -83,7 +86,8 @@ def check_manifest_is_ours(out_dir: Path) -> None:
         rows = json.loads((out_dir / "manifest.json").read_text()) if (out_dir / "manifest.json").exists() else []
         json_ours = isinstance(rows, list) and all(isinstance(r, dict) and "slide" in r and "status" in r for r in rows)
         csv_path = out_dir / "manifest.csv"
-        csv_ours = not csv_path.exists() or csv_path.read_text().splitlines()[:1] == [",".join(FIELDS)]
+        csv_ours = not csv_path.exists() or csv_path.read_text().splitlines()[:1] in (
+            [",".join(FIELDS)], [",".join(EARLIER_FIELDS)])
     except (OSError, ValueError, UnicodeDecodeError):
         json_ours = csv_ours = False
     if not (json_ours and csv_ours):
@@ -191,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--drop-label", action="store_true", help="leave out label images (patient identifiers)")
+    parser.add_argument("--codec", choices=["auto", "idf", "source"], default="auto",
+                        help="as `wsi-idf pack --codec`: auto keeps lossy source tiles, IDF for the rest")
     parser.add_argument("--scheduler", default=None, help="an existing Dask scheduler (tcp://host:port)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes of the embedded cluster")
     parser.add_argument("--slurm", action="store_true", help="start workers as SLURM jobs (dask-jobqueue)")
@@ -213,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with cluster_address(args) as address:
             check_scheduler(address)
             rows = run_batch(slides, args.output, address, progress=not args.quiet, model=args.model,
-                             device=args.device, drop_label=args.drop_label)
+                             device=args.device, drop_label=args.drop_label, codec=args.codec)
     except WsiIdfError as exc:
         print(f"archive_batch: error: {exc}", file=sys.stderr)
         return 1

@@ -110,6 +110,7 @@ def test_batch_archives_a_folder_records_failures_and_skips_finished(cluster, sl
     for name in ["case-0.tif", "case-1.tif", "case-2.tif"]:
         row = by_name[name]
         assert row["status"] == "done" and row["archive_bytes"] > 0 and len(row["level_checksums"].split(";")) == 2
+        assert row["level_storage"] == "idf;idf"  # zlib tiles are lossless: coded with the IDF
         assert open_archive(row["archive"]).metadata["source"]["name"] == name
     assert (out / "manifest.csv").read_text().startswith("slide,archive,status,")
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.zarr/zarr.json")}

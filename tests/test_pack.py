@@ -45,7 +45,7 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cmu_archive(work, scheduler) -> Path:
     out = work / "cmu.zarr"
-    summary = pack_slide(CMU_SVS, out, scheduler=scheduler)
+    summary = pack_slide(CMU_SVS, out, scheduler=scheduler, codec="idf")  # the learned codec on a real slide
     assert summary["levels"] == 1 and summary["raw_bytes"] == 2220 * 2967 * 3
     return out
 
@@ -326,7 +326,8 @@ def test_info_region_and_lossy_source_note(cmu_archive, work, capsys):
 
 def test_cli_pack_drops_the_label_and_says_when_the_source_was_lossy(work, capsys):
     out = work / "cmu-nolabel.zarr"
-    assert main(["pack", str(CMU_SVS), "-o", str(out), "--drop-label", "--scheduler", "synchronous"]) == 0
+    assert main(["pack", str(CMU_SVS), "-o", str(out), "--drop-label", "--scheduler", "synchronous",
+                 "--codec", "idf"]) == 0
     text = capsys.readouterr().out
     assert "larger than the source file because the source is stored lossily" in text
     assert "x smaller than the raw pixels" in text and "x the size of the source file" in text
