@@ -62,7 +62,7 @@ def main() -> None:
     with Client(args.scheduler or cluster) as client:
         workers = len(client.scheduler_info()["workers"])
         summary = pack_slide(source, out, model=args.model, device=args.device, scheduler=client.scheduler.address,
-                             progress=True)
+                             progress=True, codec="idf")  # the IDF pipeline's throughput, though the tiles are JPEG
         worker_rss = client.run(peak_rss_mb)
     if cluster is not None:
         cluster.close()

@@ -148,3 +148,16 @@ def test_codec_idf_codes_a_jpeg_slide_with_the_idf(work, capsys):
     summary = pack_cli(capsys, CMU_SVS, work / "cmu-idf.zarr", "--codec", "idf", "--drop-label")
     assert summary["storage"] == [{"storage": "idf", "source_codec": None}]
     assert summary["archive_bytes"] > CMU_SVS.stat().st_size  # why auto keeps the tiles
+
+
+def test_a_ycbcr_jpeg_pyramid_keeps_its_tiles_on_a_dask_cluster(work, capsys):
+    """tifffile writes JPEG tiles as subsampled YCbCr: the kept tiles decode to tifffile's pixels,
+    packed on a real 2-process cluster."""
+    from slides import write_mosaic_pyramid
+    slide = write_mosaic_pyramid(work / "jpeg.tif", 1500, 1100, levels=2, seed=5)
+    out = work / "jpeg.zarr"
+    assert main(["pack", str(slide), "-o", str(out), "--workers", "2", "-q", "--json"]) == 0  # embedded cluster
+    summary = json.loads(capsys.readouterr().out)
+    assert {lv["storage"] for lv in summary["storage"]} == {"source"}
+    assert summary["archive_bytes"] < slide.stat().st_size
+    assert main(["verify", str(out), "--source", str(slide), "--scheduler", "synchronous", "-q"]) == 0

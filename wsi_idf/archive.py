@@ -201,6 +201,8 @@ def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
         chunk = PATCH if storage == "idf" else _int(path, f"{where} chunk", lv.get("chunk"), 16, 4096)
         if lv.get("chunk", PATCH) != chunk or storage == "source" and zarr_format != 3:
             raise _damaged(path, f"{where} chunk", f"must be {chunk} for {storage} storage in Zarr v{zarr_format}")
+        if lv.get("source_codec") not in ((None,) if storage == "idf" else ("jpeg", "jpeg2000")):
+            raise _damaged(path, f"{where} source_codec", f"does not fit {storage} storage")
         shard = _int(path, f"{where} shard", lv.get("shard"), chunk, 64 * max(chunk, PATCH))
         if shard % chunk:
             raise _damaged(path, f"{where} shard", f"must be a multiple of {chunk}, not {shard}")

@@ -387,6 +387,9 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
                 entry_["source_bytes"] = sum(r["source_bytes"] for r in recs)
             level_meta.append(entry_)
         info = slide.info.to_json()
+        if any(layout.source_codec == "jpeg" for layout in layouts):  # kept JPEG tiles are read through libjxl
+            import imagecodecs
+            info["decoder"] = {**info["decoder"], "jpegxl": imagecodecs.jpegxl_version()}
         if drop_label:
             info["properties"] = {k: v for k, v in info["properties"].items()
                                   if not k.startswith("openslide.associated.label.")}
