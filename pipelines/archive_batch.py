@@ -23,10 +23,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from wsi_idf.archive import read_attributes, write_atomic
+from wsi_idf.archive import archive_sizes, read_attributes, write_atomic
 from wsi_idf.cli import configure_logging
 from wsi_idf.errors import WsiIdfError
-from wsi_idf.pack import pack_slide, partial_path, tree_size
+from wsi_idf.pack import pack_slide, partial_path
 
 log = logging.getLogger("wsi_idf")
 
@@ -67,12 +67,7 @@ def finished_row(slide: Path, out: Path, earlier: dict | None) -> dict:
     if source["name"] != slide.name or source["size"] != slide.stat().st_size:
         raise WsiIdfError(f"{out} holds another source ({source['name']}, {source['size']} bytes); "
                           "move it away or delete it")
-    raw = sum(lv["width"] * lv["height"] * 3 for lv in meta["levels"])
-    coded = sum(lv["encoded_bytes"] for lv in meta["levels"])
-    size = tree_size(out)
-    return {"slide": str(slide), "archive": str(out), "status": "done", "source_bytes": source["size"],
-            "raw_bytes": raw, "archive_bytes": size, "ratio_to_raw": round(raw / size, 3),
-            "ratio_to_source": round(source["size"] / size, 3), "bits_per_subpixel": round(8 * coded / raw, 4),
+    return {"slide": str(slide), "archive": str(out), "status": "done", **archive_sizes(out, meta),
             "level_storage": ";".join(lv.get("storage", "idf") for lv in meta["levels"]),
             "level_checksums": ";".join(lv["checksum"]["value"] for lv in meta["levels"]),
             "seconds": (earlier or {}).get("seconds", ""), "error": ""}
@@ -168,8 +163,8 @@ def cluster_address(args: argparse.Namespace) -> Iterator[str]:
 
     from distributed import LocalCluster
 
-    from wsi_idf.cluster import cpu_count
-    workers = args.workers or max(1, min(4, cpu_count() // 2) if cpu_count() >= 4 else cpu_count())
+    from wsi_idf.cluster import default_workers
+    workers = args.workers or default_workers()
     with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0",
                       silence_logs=_logging.ERROR) as cluster:
         yield cluster.scheduler_address

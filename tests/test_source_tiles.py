@@ -18,7 +18,7 @@ from wsi_idf import patch_format as fmt
 from wsi_idf import source_tiles
 from wsi_idf.cli import main
 from wsi_idf.errors import CorruptPatchError, VerificationError
-from wsi_idf.pack import tree_size
+from wsi_idf.archive import tree_size
 from wsi_idf.slide import open_slide
 from wsi_idf.verify import verify_archive
 

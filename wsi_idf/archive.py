@@ -259,13 +259,19 @@ def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
     _dict(path, "source decoder", source.get("decoder"))
 
 
-def check_region(level: int, x: int, y: int, width: int, height: int, level_width: int, level_height: int) -> None:
-    """A region must lie inside its level: unlike OpenSlide, wsi-idf does not pad with background."""
-    if not (0 <= x and 0 <= y and width > 0 and height > 0 and x + width <= level_width
-            and y + height <= level_height):
-        raise ArchiveError(f"region x={x} y={y} {width}x{height} is outside level {level} ({level_width}x"
-                           f"{level_height}); wsi-idf returns only stored pixels (OpenSlide would pad with "
-                           "background): clip the region to the level")
+def tree_size(path: Path) -> int:
+    """Bytes of every file under a folder: what an archive costs on disk."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def archive_sizes(path: Path, meta: dict) -> dict:
+    """The sizes and ratios every summary reports (pack, info, the batch manifest), from one place."""
+    raw = sum(lv["width"] * lv["height"] * 3 for lv in meta["levels"])
+    coded = sum(lv["encoded_bytes"] for lv in meta["levels"])
+    size = tree_size(path)
+    source = meta["source"]["size"]
+    return {"raw_bytes": raw, "archive_bytes": size, "source_bytes": source, "ratio_to_raw": round(raw / size, 3),
+            "ratio_to_source": round(source / size, 3), "bits_per_subpixel": round(8 * coded / raw, 4)}
 
 
 MAX_METADATA_BYTES = 2**24

@@ -60,6 +60,12 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def default_workers(cores: int | None = None) -> int:
+    """Worker processes of an embedded CPU cluster: half the cores (each runs torch on the rest), at most 4."""
+    cores = cores or cpu_count()
+    return max(1, min(4, cores // 2) if cores >= 4 else cores)
+
+
 @contextmanager
 def runner(scheduler: str | None = None, workers: int | None = None, device: str = "auto",
            resources: dict[str, float] | None = None) -> Iterator[Runner]:
@@ -90,7 +96,7 @@ def runner(scheduler: str | None = None, workers: int | None = None, device: str
         # (one CPU core, ~2-4 Mpx/s measured) would otherwise be the bottleneck. Several GPUs: dask-cuda.
         n_workers, threads = workers or max(1, min(8, cores - 1)), 1
     else:
-        n_workers = workers or max(1, min(4, cores // 2) if cores >= 4 else cores)
+        n_workers = workers or default_workers(cores)
         threads = max(1, cores // n_workers)
     log.info("starting a local Dask cluster: %d worker process(es), %d torch thread(s) each%s",
              n_workers, threads, ", GPU" if gpu_here else "")

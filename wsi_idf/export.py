@@ -116,12 +116,11 @@ def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, 
 
 def archive_info(path: str | Path) -> dict:
     """What an archive holds: source and provenance, levels, model, sizes, physical pixel size."""
-    from .pack import LOSSY_COMPRESSIONS, tree_size
+    from .archive import archive_sizes
+    from .pack import LOSSY_COMPRESSIONS
     archive = open_archive(path)
     meta = archive.metadata
-    raw = sum(lv["width"] * lv["height"] * 3 for lv in meta["levels"])
-    coded = sum(lv["encoded_bytes"] for lv in meta["levels"])
-    size = tree_size(archive.path)
+    sizes = archive_sizes(archive.path, meta)
     slide = meta["slide"]
     return {"archive": str(archive.path), "zarr_format": archive.zarr_format, "wsi_idf_version": meta["wsi_idf_version"],
             "source": meta["source"], "model": meta["model"],
@@ -131,7 +130,5 @@ def archive_info(path: str | Path) -> dict:
             "skipped_levels": meta["skipped_levels"], "mpp": slide["mpp"], "objective_power": slide["objective_power"],
             "vendor": slide["vendor"], "icc_profile": bool(slide.get("icc_profile")),
             "associated": meta["associated"], "label_dropped": meta["label_dropped"],
-            "properties": len(slide["properties"]), "raw_bytes": raw, "archive_bytes": size,
-            "ratio_to_raw": round(raw / size, 3), "ratio_to_source": round(meta["source"]["size"] / size, 3),
-            "source_lossy": meta["source"]["decoder"].get("compression", "") in LOSSY_COMPRESSIONS,
-            "bits_per_subpixel": round(8 * coded / raw, 4)}
+            "properties": len(slide["properties"]), **{k: v for k, v in sizes.items() if k != "source_bytes"},
+            "source_lossy": meta["source"]["decoder"].get("compression", "") in LOSSY_COMPRESSIONS}

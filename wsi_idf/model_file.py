@@ -8,7 +8,6 @@ sha256, checked on every load (as CompressAI does).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from .digests import file_sha256
 from .config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, NUM_SCALES, T_MAX, IDFConfig, WaveletConfig
 from .errors import WeightsMismatchError, WsiIdfError
 from .flow import IDF, QuantConv, QuantNet
@@ -128,14 +128,6 @@ def export_model(model: IDF | WaveletIDF, directory: str | Path, name: str) -> P
     path = directory / f"{name}-{file_sha256(tmp)[:8]}.safetensors"
     tmp.replace(path)
     return path
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -6,7 +6,6 @@ pack resumes where it stopped (``resume=True``) and ends byte-identical to an un
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -19,13 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .archive import (FORMAT_VERSION, PREVIEW_MAX, PREVIEW_MIN, chunk_path, image_attributes, level_array_kwargs,
-                      ome_multiscale, standard_array_kwargs, write_atomic, write_group)
+from .archive import (FORMAT_VERSION, PREVIEW_MAX, PREVIEW_MIN, archive_sizes, chunk_path, image_attributes,
+                      level_array_kwargs, ome_multiscale, standard_array_kwargs, write_atomic, write_group)
 from .cluster import Runner, runner, set_torch_threads
 from .config import PATCH
 from .errors import ArchiveError, SlideError, WsiIdfError
 from .outputs import PLAN_FILE, check_output, is_unfinished_pack, output_lock
 from .registry import entry, get_model, require_device
+from .digests import file_sha256
 from .shards import DEFAULT_SHARD, ShardBox, build_shard, cut_patches, level_checksum, region_digest, shard_boxes
 from .slide import Slide, SlideRef, cached_slide, level_as_dask, open_slide
 
@@ -161,14 +161,6 @@ def worker_name() -> str | None:
         return get_worker().name
     except (ImportError, ValueError):
         return None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def make_plan(slide: Slide, source: Path, model: str, weights: str, shard: int, zarr_format: int,
@@ -343,74 +335,75 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
         require_device(device)  # before anything is written
     weights = get_model(model_entry.name, "cpu").sha256
     slide = open_slide(source, backend)
-    layouts = plan_layouts(slide, codec, shard, zarr_format)
-    plan = make_plan(slide, source, model_entry.name, weights, shard, zarr_format, drop_label, layouts)
-    if not out.parent.exists():
-        try:
-            out.parent.mkdir(parents=True)
-        except OSError as exc:
-            raise ArchiveError(f"cannot write the archive at {out}: {exc.strerror or exc}") from exc
-    with output_lock(out):  # a second job on the same output refuses at once
-        root, resumed = prepare_output(out, plan, overwrite, resume, source)
-        try:
-            with ThreadPoolExecutor(1) as hasher:
-                source_hash = hasher.submit(file_sha256, source)
-                if not resumed or not (root / "0").exists():
-                    create_levels(root, slide, model_entry.name, weights, layouts, zarr_format)
-                with runner(scheduler, workers, device, resources) as run:
-                    records, stats = run_shards(run, slide, root, model_entry.name, weights, device, layouts,
-                                                zarr_format, progress)
-                associated = write_associated(root, slide, drop_label, zarr_format, keep_source=codec != "idf",
-                                              model=model_entry.name, weights=weights)
-                preview_levels = write_preview(
-                    root, slide, zarr_format, source.stem, slide.info.mpp,
-                    PREVIEW_MAX_SOURCE if any(layout.storage == "source" for layout in layouts) else PREVIEW_MAX)
-                sha256 = source_hash.result()
-        except SlideError:
-            shutil.rmtree(root, ignore_errors=True)  # the source is unreadable: resuming cannot help
-            raise
-        except (KeyboardInterrupt, WsiIdfError):
-            raise
-        except Exception as exc:  # a lost cluster, a full disk, a killed worker: the work done so far is kept
-            raise ArchiveError(f"pack stopped ({type(exc).__name__}: {exc}); the unfinished archive is kept at "
-                               f"{root}: run the same command with --resume to finish it") from exc
-        level_meta = []
-        for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):
-            recs = [records[box.name] for box in shard_boxes(i, lv.height, lv.width, layout.shard)]
-            entry_ = {"path": str(i), "width": lv.width, "height": lv.height, "downsample": lv.downsample,
-                      "shard": layout.shard, "storage": layout.storage, "chunk": layout.chunk,
-                      "patches": sum(r["patches"] for r in recs), "encoded_bytes": sum(r["encoded_bytes"] for r in recs),
-                      "checksum": {"algorithm": f"sha256-of-{layout.shard}px-tile-sha256s",
-                                   "value": level_checksum([bytes.fromhex(r["digest"]) for r in recs])}}
-            if layout.storage == "source":
-                entry_["source_codec"] = layout.source_codec
-                entry_["source_bytes"] = sum(r["source_bytes"] for r in recs)
-            level_meta.append(entry_)
-        info = slide.info.to_json()
-        if any(layout.source_codec == "jpeg" for layout in layouts):  # kept JPEG tiles are read through libjxl
-            import imagecodecs
-            info["decoder"] = {**info["decoder"], "jpegxl": imagecodecs.jpegxl_version()}
-        if drop_label:
-            info["properties"] = {k: v for k, v in info["properties"].items()
-                                  if not k.startswith("openslide.associated.label.")}
-        meta = {"format_version": FORMAT_VERSION, "wsi_idf_version": __version__,
-                "model": {"name": model_entry.name, "weights": weights},
-                "source": {"name": source.name, "size": source.stat().st_size, "sha256": sha256,
-                           "backend": slide.backend, "decoder": info.pop("decoder")},
-                "slide": info, "levels": level_meta, "skipped_levels": slide.skipped_levels,
-                "associated": associated, "label_dropped": drop_label and "label" in slide.associated_names(),
-                "preview": {"path": "preview", "levels": preview_levels}}
-        multiscale = ome_multiscale(source.stem, [(str(i), lv.downsample) for i, lv in enumerate(slide.levels)],
-                                    slide.info.mpp)
-        write_group(root, image_attributes(multiscale, zarr_format, {"wsi_idf": meta}), zarr_format)
-        shutil.rmtree(root / RECORDS_DIR, ignore_errors=True)
-        (root / PLAN_FILE).unlink(missing_ok=True)
-        finish(root, out)
-        summary = summarize(out, meta, slide, time.perf_counter() - t0, resumed)
-        summary["stage_seconds"] = {k: round(v, 2) for k, v in stats.items() if k.endswith("_s")}
-        summary["shards"], summary["shards_reused"] = stats["shards"], stats["shards_reused"]
-        summary["workers"] = sorted(str(w) for w in stats["workers"] if w is not None)
-        return summary
+    with slide:  # the client reads metadata and associated images; workers open their own handles
+        layouts = plan_layouts(slide, codec, shard, zarr_format)
+        plan = make_plan(slide, source, model_entry.name, weights, shard, zarr_format, drop_label, layouts)
+        if not out.parent.exists():
+            try:
+                out.parent.mkdir(parents=True)
+            except OSError as exc:
+                raise ArchiveError(f"cannot write the archive at {out}: {exc.strerror or exc}") from exc
+        with output_lock(out):  # a second job on the same output refuses at once
+            root, resumed = prepare_output(out, plan, overwrite, resume, source)
+            try:
+                with ThreadPoolExecutor(1) as hasher:
+                    source_hash = hasher.submit(file_sha256, source)
+                    if not resumed or not (root / "0").exists():
+                        create_levels(root, slide, model_entry.name, weights, layouts, zarr_format)
+                    with runner(scheduler, workers, device, resources) as run:
+                        records, stats = run_shards(run, slide, root, model_entry.name, weights, device, layouts,
+                                                    zarr_format, progress)
+                    associated = write_associated(root, slide, drop_label, zarr_format, keep_source=codec != "idf",
+                                                  model=model_entry.name, weights=weights)
+                    preview_levels = write_preview(
+                        root, slide, zarr_format, source.stem, slide.info.mpp,
+                        PREVIEW_MAX_SOURCE if any(layout.storage == "source" for layout in layouts) else PREVIEW_MAX)
+                    sha256 = source_hash.result()
+            except SlideError:
+                shutil.rmtree(root, ignore_errors=True)  # the source is unreadable: resuming cannot help
+                raise
+            except (KeyboardInterrupt, WsiIdfError):
+                raise
+            except Exception as exc:  # a lost cluster, a full disk, a killed worker: the work done so far is kept
+                raise ArchiveError(f"pack stopped ({type(exc).__name__}: {exc}); the unfinished archive is kept at "
+                                   f"{root}: run the same command with --resume to finish it") from exc
+            level_meta = []
+            for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):
+                recs = [records[box.name] for box in shard_boxes(i, lv.height, lv.width, layout.shard)]
+                entry_ = {"path": str(i), "width": lv.width, "height": lv.height, "downsample": lv.downsample,
+                          "shard": layout.shard, "storage": layout.storage, "chunk": layout.chunk,
+                          "patches": sum(r["patches"] for r in recs), "encoded_bytes": sum(r["encoded_bytes"] for r in recs),
+                          "checksum": {"algorithm": f"sha256-of-{layout.shard}px-tile-sha256s",
+                                       "value": level_checksum([bytes.fromhex(r["digest"]) for r in recs])}}
+                if layout.storage == "source":
+                    entry_["source_codec"] = layout.source_codec
+                    entry_["source_bytes"] = sum(r["source_bytes"] for r in recs)
+                level_meta.append(entry_)
+            info = slide.info.to_json()
+            if any(layout.source_codec == "jpeg" for layout in layouts):  # kept JPEG tiles are read through libjxl
+                import imagecodecs
+                info["decoder"] = {**info["decoder"], "jpegxl": imagecodecs.jpegxl_version()}
+            if drop_label:
+                info["properties"] = {k: v for k, v in info["properties"].items()
+                                      if not k.startswith("openslide.associated.label.")}
+            meta = {"format_version": FORMAT_VERSION, "wsi_idf_version": __version__,
+                    "model": {"name": model_entry.name, "weights": weights},
+                    "source": {"name": source.name, "size": source.stat().st_size, "sha256": sha256,
+                               "backend": slide.backend, "decoder": info.pop("decoder")},
+                    "slide": info, "levels": level_meta, "skipped_levels": slide.skipped_levels,
+                    "associated": associated, "label_dropped": drop_label and "label" in slide.associated_names(),
+                    "preview": {"path": "preview", "levels": preview_levels}}
+            multiscale = ome_multiscale(source.stem, [(str(i), lv.downsample) for i, lv in enumerate(slide.levels)],
+                                        slide.info.mpp)
+            write_group(root, image_attributes(multiscale, zarr_format, {"wsi_idf": meta}), zarr_format)
+            shutil.rmtree(root / RECORDS_DIR, ignore_errors=True)
+            (root / PLAN_FILE).unlink(missing_ok=True)
+            finish(root, out)
+            summary = summarize(out, meta, slide, time.perf_counter() - t0, resumed)
+            summary["stage_seconds"] = {k: round(v, 2) for k, v in stats.items() if k.endswith("_s")}
+            summary["shards"], summary["shards_reused"] = stats["shards"], stats["shards_reused"]
+            summary["workers"] = sorted(str(w) for w in stats["workers"] if w is not None)
+            return summary
 
 
 def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, device: str,
@@ -451,21 +444,11 @@ def finish(root: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def tree_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def summarize(out: Path, meta: dict, slide: Slide, seconds: float, resumed: bool) -> dict:
-    raw = sum(lv["width"] * lv["height"] * 3 for lv in meta["levels"])
-    coded = sum(lv["encoded_bytes"] for lv in meta["levels"])
-    archive = tree_size(out)
-    source_size = meta["source"]["size"]
     compression = meta["source"]["decoder"].get("compression", "")
     return {"archive": str(out), "source": meta["source"]["name"], "model": meta["model"]["name"],
             "levels": len(meta["levels"]), "skipped_levels": len(meta["skipped_levels"]),
-            "raw_bytes": raw, "archive_bytes": archive, "source_bytes": source_size,
-            "ratio_to_raw": round(raw / archive, 3), "ratio_to_source": round(source_size / archive, 3),
-            "bits_per_subpixel": round(8 * coded / raw, 4), "seconds": round(seconds, 2),
+            **archive_sizes(out, meta), "seconds": round(seconds, 2),
             "storage": [{"storage": lv.get("storage", "idf"), "source_codec": lv.get("source_codec")}
                         for lv in meta["levels"]],
             "source_lossy": compression in LOSSY_COMPRESSIONS or slide.backend == "openslide" and

@@ -17,18 +17,16 @@ read through it, so they agree with each other and with ``verify``.
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import google_crc32c
 import numpy as np
 
 from . import patch_format as fmt
 from .config import CHANNELS, PATCH
 from .errors import ArchiveError, CorruptPatchError, WeightsMismatchError
 from .model_file import CodingModel
-from .shards import EMPTY
+from .shards import ShardIndex
 
 HEAD = 64  # bytes that always hold a patch's header and stream table
 MAX_PATCH_BYTES = fmt.RAW_BYTES + fmt.HEADER.size + fmt.POSITION.size  # the encoder never writes more
@@ -71,7 +69,6 @@ class LevelReader:
                levels: int | None = None) -> tuple[np.ndarray, int]:
         """Pixels of a region as (height, width, 3) uint8 and the bytes read from chunk files.
         ``levels`` below the model's decodes a preview from the coarse flow levels' bytes only."""
-        from .archive import check_region
         from .coding import check_levels
         check_region(self.level, x, y, width, height, self.width, self.height)
         check_levels(levels, self.model)
@@ -140,30 +137,21 @@ class LevelReader:
                 self._read_shard(srow, scol, wanted, levels, blobs, counter)
         return blobs, counter[0]
 
-    def shard_index(self, srow: int, scol: int, f, size: int, counter: list[int]) -> np.ndarray:
-        """The checked (per_side, per_side, 2) index of one open shard file."""
+    def shard_index(self, srow: int, scol: int, f, size: int, counter: list[int]) -> ShardIndex:
+        """The checked index of one open shard file (``ShardIndex.check_layout``)."""
         path = self.shard_path(srow, scol)
         per_side = self.shard // self.chunk
-        index_size = 16 * per_side * per_side + 4
+        index_size = ShardIndex.nbytes(per_side * per_side)
         if size < index_size:
             raise ArchiveError(f"{path}: shard file of {size} bytes is shorter than its index: it is damaged")
-        raw = _read(f, size - index_size, index_size, counter)
-        if google_crc32c.value(raw[:-4]) != struct.unpack("<I", raw[-4:])[0]:
-            raise ArchiveError(f"{path}: shard index checksum mismatch: the shard is damaged")
-        index = np.frombuffer(raw[:-4], dtype="<u8").reshape(per_side, per_side, 2)
         rows, cols = self.grid
         inside = np.zeros((per_side, per_side), dtype=bool)
         inside[:max(0, rows - srow * per_side), :max(0, cols - scol * per_side)] = True
-        offsets, sizes = index[..., 0], index[..., 1]
-        if np.any(offsets[~inside] != EMPTY) or np.any(offsets[inside] == EMPTY):
-            raise ArchiveError(f"{path}: shard index has chunks missing or outside the level: the shard is damaged")
-        sizes_in = sizes[inside]
-        if np.any(sizes_in == 0) or np.any(sizes_in > self.max_chunk_bytes):
-            raise ArchiveError(f"{path}: shard index gives a chunk an impossible size: the shard is damaged")
-        expected = np.concatenate([[0], np.cumsum(sizes_in)])
-        if np.any(offsets[inside] != expected[:-1]) or int(expected[-1]) != size - index_size:
-            raise ArchiveError(f"{path}: shard index does not describe its chunks back to back: the shard is "
-                               "damaged or forged")
+        try:
+            index = ShardIndex.parse(_read(f, size - index_size, index_size, counter), per_side * per_side)
+            index.check_layout(inside, size - index_size, self.max_chunk_bytes)
+        except ArchiveError as exc:
+            raise ArchiveError(f"{path}: {exc}") from None
         return index
 
     def _read_shard(self, srow: int, scol: int, wanted: list[tuple[int, int]], levels: int | None,
@@ -178,8 +166,17 @@ class LevelReader:
             size = f.seek(0, 2)
             index = self.shard_index(srow, scol, f, size, counter)
             for r, c in wanted:
-                offset, nbytes = (int(v) for v in index[r % per_side, c % per_side])
+                offset, nbytes = index.chunk((r % per_side) * per_side + c % per_side)
                 blobs[(r, c)] = _chunk_prefix(f, offset, nbytes, levels, counter)
+
+
+def check_region(level: int, x: int, y: int, width: int, height: int, level_width: int, level_height: int) -> None:
+    """A region must lie inside its level: unlike OpenSlide, wsi-idf does not pad with background."""
+    if not (0 <= x and 0 <= y and width > 0 and height > 0 and x + width <= level_width
+            and y + height <= level_height):
+        raise ArchiveError(f"region x={x} y={y} {width}x{height} is outside level {level} ({level_width}x"
+                           f"{level_height}); wsi-idf returns only stored pixels (OpenSlide would pad with "
+                           "background): clip the region to the level")
 
 
 def _read(f, offset: int, size: int, counter: list[int]) -> bytes:

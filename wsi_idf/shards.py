@@ -7,7 +7,6 @@ the layout zarr's ``sharding_indexed`` codec reads with its default index codecs
 """
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import google_crc32c
 import numpy as np
 
 from .config import CHANNELS, PATCH
+from .digests import level_checksum, region_digest  # noqa: F401 - the level checksums' units
 from .errors import ArchiveError
 
 EMPTY = np.uint64(2**64 - 1)
@@ -72,29 +72,59 @@ def build_shard(blobs: Sequence[bytes], present: np.ndarray) -> bytes:
     return b"".join(blobs) + index_bytes + struct.pack("<I", google_crc32c.value(index_bytes))
 
 
+@dataclass(frozen=True)
+class ShardIndex:
+    """The index at the end of a shard object: little-endian uint64 (offset, nbytes) per inner chunk
+    in C order (2^64-1 twice where absent), then its CRC32C: zarr's ``sharding_indexed`` layout with
+    its default index codecs, as ``build_shard`` writes it."""
+
+    entries: np.ndarray  # (cells, 2) uint64
+
+    @staticmethod
+    def nbytes(cells: int) -> int:
+        return 16 * cells + 4
+
+    @classmethod
+    def parse(cls, raw: bytes, cells: int) -> ShardIndex:
+        """The index from its bytes (the last ``nbytes(cells)`` of a shard); checks its CRC32C."""
+        if len(raw) != cls.nbytes(cells):
+            raise ArchiveError(f"shard index of {len(raw)} bytes, expected {cls.nbytes(cells)}: the shard is damaged")
+        if google_crc32c.value(raw[:-4]) != struct.unpack("<I", raw[-4:])[0]:
+            raise ArchiveError("shard index checksum mismatch: the shard is damaged")
+        return cls(np.frombuffer(raw[:-4], dtype="<u8").reshape(cells, 2))
+
+    def check_layout(self, present: np.ndarray, data_size: int, max_chunk: int) -> None:
+        """Refuse anything but what ``build_shard`` writes: exactly the ``present`` cells (C order),
+        none larger than ``max_chunk``, back to back from offset 0 to ``data_size``. A forged index
+        with a valid CRC (out of the file, aliased, huge) is then damage, not zeros or a wrong patch."""
+        present = present.ravel()
+        offsets, sizes = self.entries[:, 0], self.entries[:, 1]
+        if np.any(offsets[~present] != EMPTY) or np.any(offsets[present] == EMPTY):
+            raise ArchiveError("shard index has chunks missing or outside the level: the shard is damaged")
+        sizes_in = sizes[present]
+        if np.any(sizes_in == 0) or np.any(sizes_in > max_chunk):
+            raise ArchiveError("shard index gives a chunk an impossible size: the shard is damaged")
+        ends = np.concatenate([[0], np.cumsum(sizes_in)])
+        if np.any(offsets[present] != ends[:-1]) or int(ends[-1]) != data_size:
+            raise ArchiveError("shard index does not describe its chunks back to back: the shard is damaged or forged")
+
+    def chunk(self, cell: int) -> tuple[int, int] | None:
+        """(offset, nbytes) of a cell's chunk, None where absent."""
+        offset, nbytes = (int(v) for v in self.entries[cell])
+        return None if offset == EMPTY else (offset, nbytes)
+
+
 def shard_chunks(data: bytes, cells: int) -> Iterator[bytes | None]:
     """The inner chunks of a shard object in C order (None where absent); checks the index CRC."""
-    index_size = cells * 16 + 4
+    index_size = ShardIndex.nbytes(cells)
     if len(data) < index_size:
         raise ArchiveError(f"shard object of {len(data)} bytes is shorter than its index")
-    index_bytes, crc = data[-index_size:-4], struct.unpack("<I", data[-4:])[0]
-    if google_crc32c.value(index_bytes) != crc:
-        raise ArchiveError("shard index checksum mismatch: the shard is damaged")
-    index = np.frombuffer(index_bytes, dtype="<u8").reshape(cells, 2)
-    for offset, nbytes in index:
-        if offset == EMPTY:
+    index = ShardIndex.parse(data[-index_size:], cells)
+    for cell in range(cells):
+        where = index.chunk(cell)
+        if where is None:
             yield None
-        elif offset + nbytes > len(data) - index_size:
+        elif where[0] + where[1] > len(data) - index_size:
             raise ArchiveError("shard index points past the chunk data: the shard is damaged")
         else:
-            yield data[int(offset):int(offset + nbytes)]
-
-
-def region_digest(region: np.ndarray) -> bytes:
-    """sha256 of an (h, w, 3) region's interleaved RGB bytes: the unit of the level checksums."""
-    return hashlib.sha256(np.ascontiguousarray(region).tobytes()).digest()
-
-
-def level_checksum(digests: Sequence[bytes]) -> str:
-    """sha256 over the shard digests in C order: computable shard by shard, in parallel."""
-    return hashlib.sha256(b"".join(digests)).hexdigest()
+            yield data[where[0]:where[0] + where[1]]

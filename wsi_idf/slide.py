@@ -120,6 +120,12 @@ class Slide:
     def close(self) -> None:
         pass
 
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class TiffSlide(Slide):
     """SVS, pyramidal TIFF, OME-TIFF, NDPI, SCN ... through tifffile: decodes only the tiles a read touches."""

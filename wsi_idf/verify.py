@@ -131,6 +131,7 @@ def verify_archive(path: str | Path, source: str | Path | None = None, backend: 
                        "(or this backend reads fewer levels)")
             raise VerificationError(f"{archive.path}: verification failed: {message}", problems=[message]) from None
         job_source = slide.ref
+        slide.close()  # workers open their own handles
     for i, lv in enumerate(meta["levels"]):
         check_stored_count(archive, i, lv)
     boxes = [box for i, lv in enumerate(meta["levels"]) for box in shard_boxes(i, lv["height"], lv["width"], lv["shard"])]
