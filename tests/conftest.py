@@ -66,3 +66,27 @@ def small_disk(tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root and mount rights)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture(scope="module")
+def material(request, tmp_path_factory):
+    """A small two-level slide of real tissue and its archive in the module's ``SHARD`` (seed ``SEED``)."""
+    from slides import small_slide_and_archive
+    name = request.module.__name__.removeprefix("test_")
+    return small_slide_and_archive(tmp_path_factory.mktemp(name), seed=request.module.SEED,
+                                   shard=request.module.SHARD)
+
+
+@pytest.fixture(scope="module")
+def work(material):
+    return material[2].parent
+
+
+@pytest.fixture(scope="module")
+def source(material):
+    return material[0], material[1]
+
+
+@pytest.fixture(scope="module")
+def reference(material):
+    return material[2]

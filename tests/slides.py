@@ -108,3 +108,14 @@ def write_mosaic_pyramid(path: Path, width: int, height: int, levels: int = 4, s
                       compression="jpeg", compressionargs={"level": quality}, subfiletype=1 if k else 0,
                       resolution=(1e4 / (0.25 * 2**k), 1e4 / (0.25 * 2**k)), resolutionunit="CENTIMETER")
     return path
+
+
+def small_slide_and_archive(work: Path, seed: int, shard: int) -> tuple[Path, list[np.ndarray], Path]:
+    """A 400x560 two-level pyramidal TIFF of real tissue and its archive in small shards (many shards,
+    so damage and faults land everywhere): the fault and hostile-archive tests' material."""
+    from wsi_idf.pack import pack_slide
+    levels = pyramid(mosaic(400, 560, seed=seed), 2)
+    slide = write_pyramidal_tiff(work / "slide.tif", levels)
+    archive = work / "reference.zarr"
+    pack_slide(slide, archive, shard=shard, scheduler="synchronous")
+    return slide, levels, archive

@@ -24,7 +24,7 @@ from wsi_idf import decode_patches, encode_patches
 from wsi_idf.cli import main
 from wsi_idf.codec import WsiIdf
 from wsi_idf.errors import VerificationError, WsiIdfError
-from wsi_idf.pack import RECORDS_DIR, pack_slide, partial_path
+from wsi_idf.pack import RECORDS_DIR, partial_path
 from wsi_idf.verify import verify_archive
 
 pytestmark = pytest.mark.skipif(not CMU_SVS.exists(), reason=NO_DATA)
@@ -32,22 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARD = 160  # 2x2 patches: many small shards, so faults land in every phase
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("faults")
-
-
-@pytest.fixture(scope="module")
-def source(work) -> tuple[Path, list[np.ndarray]]:
-    levels = pyramid(mosaic(400, 560, seed=41), 2)
-    return write_pyramidal_tiff(work / "slide.tif", levels), levels
-
-
-@pytest.fixture(scope="module")
-def reference(work, source) -> Path:
-    out = work / "reference.zarr"
-    pack_slide(source[0], out, shard=SHARD, scheduler="synchronous")
-    return out
+SEED = 41  # the mosaic of the module's slide (conftest: work, source, reference)
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -18,7 +18,7 @@ import pytest
 import zarr
 
 from conftest import NO_DATA
-from slides import CMU_SVS, mosaic, pyramid, write_pyramidal_tiff
+from slides import CMU_SVS
 from wsi_idf import open_archive
 from wsi_idf.cli import main
 from wsi_idf.errors import ArchiveError, CorruptPatchError, VerificationError, WeightsMismatchError, WsiIdfError
@@ -35,22 +35,7 @@ SHARD = 160  # 2x2 patches per shard: level 0 (400x560) has 3x4 shards
 SHARD_01_PATCHES = [[0, 160, 0], [0, 160, 80], [0, 240, 0], [0, 240, 80]]  # [level, x, y] of shard (0, 1)
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("hostile")
-
-
-@pytest.fixture(scope="module")
-def source(work) -> tuple[Path, list[np.ndarray]]:
-    levels = pyramid(mosaic(400, 560, seed=43), 2)
-    return write_pyramidal_tiff(work / "slide.tif", levels), levels
-
-
-@pytest.fixture(scope="module")
-def reference(work, source) -> Path:
-    out = work / "reference.zarr"
-    pack_slide(source[0], out, shard=SHARD, scheduler="synchronous")
-    return out
+SEED = 43  # the mosaic of the module's slide (conftest: work, source, reference)
 
 
 @pytest.fixture(scope="module")
