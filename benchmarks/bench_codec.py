@@ -24,7 +24,7 @@ import torch
 
 from wsi_idf import decode_patches, encode_patches, ideal_bits
 from wsi_idf.data import data_dir, grid_patches, load_tiles
-from wsi_idf.model_file import load_float_model
+from wsi_idf.model_export import load_float_model
 from wsi_idf.registry import MODELS, RETIRED, WEIGHTS_DIR, get_model
 
 CLASSICAL = {

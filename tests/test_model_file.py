@@ -6,7 +6,9 @@ import shutil
 import pytest
 
 from wsi_idf import WeightsMismatchError, WsiIdfError
-from wsi_idf.model_file import export_model, file_sha256, load_coding_model, load_float_model
+from wsi_idf.digests import file_sha256
+from wsi_idf.model_export import export_model, load_float_model
+from wsi_idf.model_file import load_coding_model
 from wsi_idf.registry import MODELS, RETIRED, WEIGHTS_DIR
 
 SHIPPED = {e.weights: e for e in (*MODELS.values(), *RETIRED)}

@@ -9,7 +9,8 @@ from wsi_idf.archive import level_array_kwargs
 from wsi_idf.coding import encode_patches
 from wsi_idf.errors import ArchiveError
 from wsi_idf.registry import get_model
-from wsi_idf.shards import build_shard, cut_patches, level_checksum, region_digest, shard_boxes, shard_chunks
+from wsi_idf.digests import level_checksum, region_digest
+from wsi_idf.shards import build_shard, cut_patches, shard_boxes, shard_chunks
 
 
 def test_shard_boxes_cover_the_level_once():

@@ -3,7 +3,7 @@
 Every network already sees what the integer coding model will compute: int8 weights
 (per output channel), activations clamped to [0, ACT_MAX] and quantized to
 ACT_LEVELS steps, integer translations. Gradients pass the roundings straight
-through. ``wsi_idf.model_file.export_model`` turns a trained model into the exact integer model.
+through. ``wsi_idf.model_export.export_model`` turns a trained model into the exact integer model.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import torch
 from . import lifting
 from .config import CHANNELS, WaveletConfig
 from .integer_flow import ExactFlow, IntNet, SplitParams, exact_kernels, params_from_output
-from .wavelet_flow import anchor_mask
+from .lifting import anchor_mask
 
 
 class IntegerWaveletIDF(ExactFlow):

@@ -99,3 +99,9 @@ def join_step(sources: torch.Tensor, targets: torch.Tensor, step: int) -> torch.
 def step_fixed_term(sources: torch.Tensor, step: int, floor: Floor = torch.floor) -> torch.Tensor:
     _, _, axis, kind = LIFTING_STEPS[step]
     return fixed_term(sources, axis, kind, floor)
+
+
+def anchor_mask(shape: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(h, w) bool: the even checkerboard squares, coded first (their prior sees only the low band)."""
+    i, j = torch.meshgrid(torch.arange(shape[0], device=device), torch.arange(shape[1], device=device), indexing="ij")
+    return (i + j) % 2 == 0

@@ -25,8 +25,8 @@ from .config import PATCH
 from .errors import ArchiveError, SlideError, WsiIdfError
 from .outputs import PLAN_FILE, check_output, is_unfinished_pack, output_lock
 from .registry import entry, get_model, require_device
-from .digests import file_sha256
-from .shards import DEFAULT_SHARD, ShardBox, build_shard, cut_patches, level_checksum, region_digest, shard_boxes
+from .digests import file_sha256, level_checksum, region_digest
+from .shards import DEFAULT_SHARD, ShardBox, build_shard, cut_patches, shard_boxes
 from .slide import Slide, SlideRef, cached_slide, level_as_dask, open_slide
 
 log = logging.getLogger("wsi_idf")

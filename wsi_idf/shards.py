@@ -15,7 +15,6 @@ import google_crc32c
 import numpy as np
 
 from .config import CHANNELS, PATCH
-from .digests import level_checksum, region_digest  # noqa: F401 - the level checksums' units
 from .errors import ArchiveError
 
 EMPTY = np.uint64(2**64 - 1)

@@ -1,6 +1,6 @@
 """Training of the float IDF on real tiles, with resumable safetensors checkpoints.
 
-The coding model is derived afterwards by ``wsi_idf.model_file.export_model``.
+The coding model is derived afterwards by ``wsi_idf.model_export.export_model``.
 """
 from __future__ import annotations
 
@@ -300,7 +300,8 @@ def train_model(name: str, data: list[Path], out: Path, val: list[Path] | None =
     """
     from .coding import decode_patches, encode_patches
     from .data import grid_patches
-    from .model_file import export_model, load_coding_model, load_float_model, new_float_model
+    from .model_export import export_model, load_float_model, new_float_model
+    from .model_file import load_coding_model
     from .registry import MODELS, entry
     settings = settings or TrainSettings()
     config = entry(name).config if name in MODELS or init_from is None else None

@@ -12,7 +12,8 @@ import numpy as np
 from .archive import open_archive
 from .cluster import runner, set_torch_threads
 from .errors import CorruptPatchError, DamagedArchiveError, VerificationError, WsiIdfError
-from .shards import ShardBox, level_checksum, region_digest, shard_boxes
+from .digests import level_checksum, region_digest
+from .shards import ShardBox, shard_boxes
 from .slide import SlideRef, cached_slide, open_slide
 
 _archives: dict[str, object] = {}

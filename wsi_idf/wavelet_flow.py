@@ -9,7 +9,7 @@ come from a network on the low band; the low band goes on to the next level. The
 keeps all four bands under a per-channel logistic mixture.
 
 The networks are ``flow.QuantNet``: trained in float first, then quantization-aware
-(``flow.set_quantized``), so that ``model_file.export_model`` derives the exact integer model.
+(``flow.set_quantized``), so that ``model_export.export_model`` derives the exact integer model.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import lifting
+from .lifting import anchor_mask
 from .config import CHANNELS, LOG_SCALE_STEP, SCALE_MIN, T_MAX, WaveletConfig
 from .flow import LN2, QuantNet, TopPrior, logistic_logp, round_ste, split_prior_units, split_scale
 
@@ -29,12 +30,6 @@ STEP_CHANNELS = 2 * CHANNELS  # sources and targets of one lifting step
 def floor_ste(x: torch.Tensor) -> torch.Tensor:
     """Floor, passing the gradient through unchanged."""
     return x + (torch.floor(x) - x).detach()
-
-
-def anchor_mask(shape: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """(h, w) bool: the even checkerboard squares, coded first (their prior sees only the low band)."""
-    i, j = torch.meshgrid(torch.arange(shape[0], device=device), torch.arange(shape[1], device=device), indexing="ij")
-    return (i + j) % 2 == 0
 
 
 class WaveletIDF(TopPrior, nn.Module):
