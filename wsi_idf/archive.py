@@ -24,7 +24,7 @@ import numpy as np
 from .config import CHANNELS, PATCH
 from .errors import ArchiveError, DamagedArchiveError, WsiIdfError
 
-FORMAT_VERSION = 2  # 2: patches bound to their positions (patch format 3); 1: wsi-idf 0.1-0.2
+ARCHIVE_FORMAT = 2  # 2: patches bound to their positions (patch format 3); 1: wsi-idf 0.1-0.2
 READABLE_FORMATS = (1, 2)
 PREVIEW_MAX = 1024  # longest side of the preview's first level
 PREVIEW_MIN = 256

@@ -18,7 +18,7 @@ from .config import CHANNELS, PATCH
 from .entropy import LATENT_RANGE, pop, push
 from .errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
 from .model_file import CodingModel
-from .registry import entropy_tables, get_model
+from .registry import get_model
 
 ModelArg = str | Path | CodingModel | None
 
@@ -48,7 +48,7 @@ def _idf_payload(model: CodingModel, outs, priors, top: np.ndarray, i: int,
     """
     if any(np.abs(a[i]).max() > LATENT_RANGE for a in (top, *outs)):
         return None
-    split_tables, top_tables = entropy_tables(model)
+    split_tables, top_tables = model.tables
     coder = constriction.stream.stack.AnsCoder()
     push(coder, top_tables, top[i].ravel(), *top_priors)
     streams = [coder.get_compressed()]
@@ -109,7 +109,7 @@ def ideal_bits(patches: np.ndarray, model: ModelArg = None, device: str | torch.
     """Per patch, the integer model's NLL in bits: what an ideal entropy coder would write."""
     patches = check_patches(patches)
     coding_model = get_model(model, device)
-    split_tables, top_tables = entropy_tables(coding_model)
+    split_tables, top_tables = coding_model.tables
     outs, priors, top = _latents(coding_model, patches)
     rows, centres = _top_priors(coding_model, top.shape[1:])
     bits = np.zeros(len(patches))
@@ -137,7 +137,7 @@ def _decode_idf(model: CodingModel, payloads: list[memoryview], versions: list[i
     With ``levels`` below the model's, only the top latents and the coarsest ``levels - 1`` splits
     are decoded; the finer latents are set to their prior's most likely value (a preview).
     """
-    split_tables, top_tables = entropy_tables(model)
+    split_tables, top_tables = model.tables
     cfg, flow = model.config, model.flow
     needed = cfg.levels if levels is None else max(1, min(levels, cfg.levels))
     errors: dict[int, str] = {}

@@ -9,7 +9,8 @@ is ``wsi_idf.model_export``; decoding never imports the float (training) models.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from safetensors import safe_open
 
 from .digests import file_sha256
 from .config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, IDFConfig, WaveletConfig
+from .entropy import TableModels
 from .errors import WeightsMismatchError, WsiIdfError
 from .integer_flow import IntConv, IntegerIDF, IntNet
 from .integer_wavelet import IntegerWaveletIDF
@@ -40,12 +42,16 @@ class CodingModel:
     top_centre: np.ndarray  # int64 (C_top,)
     top_freq: np.ndarray  # int32 (C_top, 2W+2)
     path: Path | None = None
-    _entropy: object = field(default=None, repr=False)
 
     @property
     def weights_id(self) -> bytes:
         """The 4 bytes of the weights hash stored in every patch header."""
         return bytes.fromhex(self.sha256[:8])
+
+    @cached_property
+    def tables(self) -> tuple[TableModels, TableModels]:
+        """(split-prior, top-prior) entropy models, built once from the model's frequency tables."""
+        return TableModels(self.split_freq), TableModels(self.top_freq)
 
 
 def _read(path: Path, tensors: bool = True) -> tuple[dict[str, np.ndarray], dict]:

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .archive import (FORMAT_VERSION, PREVIEW_MAX, PREVIEW_MIN, archive_sizes, chunk_path, image_attributes,
+from .archive import (ARCHIVE_FORMAT, PREVIEW_MAX, PREVIEW_MIN, archive_sizes, chunk_path, image_attributes,
                       level_array_kwargs, ome_multiscale, standard_array_kwargs, write_atomic, write_group)
 from .cluster import Runner, runner, set_torch_threads
 from .config import PATCH
 from .errors import ArchiveError, SlideError, WsiIdfError
 from .outputs import PLAN_FILE, check_output, is_unfinished_pack, output_lock
-from .registry import entry, get_model, require_device
+from .registry import default_device, entry, get_model, model_sha256, require_device
 from .digests import file_sha256, level_checksum, region_digest
 from .shards import DEFAULT_SHARD, ShardBox, build_shard, cut_patches, shard_boxes
 from .slide import Slide, SlideRef, cached_slide, level_as_dask, open_slide
@@ -93,7 +93,6 @@ def record_path(root: Path, box: ShardBox) -> Path:
 
 def encode_shard(box: ShardBox, job: ShardJob) -> dict:
     """Task: read one shard's region from the source, encode its patches in one batch, write it whole."""
-    import torch
     from .coding import encode_patches
     layout = job.layouts[box.level]
     if layout.storage == "source":
@@ -103,7 +102,7 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
     t0 = time.perf_counter()
     region = cached_slide(job.slide).read(box.level, box.y0, box.y1, box.x0, box.x1)
     patches, present = cut_patches(region, layout.shard)
-    device = job.device if job.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(default_device(job.device))
     model = get_model(job.model, device, weights=job.weights)
     timings = {"read_s": time.perf_counter() - t0}
     per_side = layout.shard // PATCH
@@ -333,7 +332,7 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
     model_entry = entry(model)
     if device != "auto":
         require_device(device)  # before anything is written
-    weights = get_model(model_entry.name, "cpu").sha256
+    weights = model_sha256(model_entry.name)  # the file's hash; the client never loads the model
     slide = open_slide(source, backend)
     with slide:  # the client reads metadata and associated images; workers open their own handles
         layouts = plan_layouts(slide, codec, shard, zarr_format)
@@ -386,7 +385,7 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
             if drop_label:
                 info["properties"] = {k: v for k, v in info["properties"].items()
                                       if not k.startswith("openslide.associated.label.")}
-            meta = {"format_version": FORMAT_VERSION, "wsi_idf_version": __version__,
+            meta = {"format_version": ARCHIVE_FORMAT, "wsi_idf_version": __version__,
                     "model": {"name": model_entry.name, "weights": weights},
                     "source": {"name": source.name, "size": source.stat().st_size, "sha256": sha256,
                                "backend": slide.backend, "decoder": info.pop("decoder")},

@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 
 from .config import IDFConfig, WaveletConfig
-from .entropy import TableModels
 from .errors import UnknownModelError, WeightsMismatchError, WsiIdfError
-from .model_file import CodingModel, load_coding_model
+from .model_file import CodingModel, check_model_path, load_coding_model
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -69,9 +68,18 @@ _lock = threading.Lock()
 
 
 def default_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
+    """The one place "auto" (or None) becomes a device: CUDA when this machine has it."""
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def model_sha256(name: str | None) -> str:
+    """The sha256 of a registered model's file, without loading the model (e.g. in a job's client)."""
+    from .digests import file_sha256
+    path = weights_file(name)
+    check_model_path(path)
+    return file_sha256(path)
 
 
 def require_device(device: str | torch.device) -> torch.device:
@@ -174,11 +182,3 @@ def get_model(model: str | Path | CodingModel | None = None, device: str | torch
                 f"data was written with weights {expected[:16]}, but model {loaded.name!r} has weights "
                 f"{loaded.sha256[:16]}: decoding with other weights cannot be exact")
     return loaded
-
-
-def entropy_tables(model: CodingModel) -> tuple[TableModels, TableModels]:
-    """(split-prior tables, top-prior tables), built once per loaded model."""
-    with _lock:
-        if model._entropy is None:
-            model._entropy = (TableModels(model.split_freq), TableModels(model.top_freq))
-        return model._entropy
