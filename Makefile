@@ -23,6 +23,8 @@ demo: $(STAMP)  ## pack a real slide, verify every pixel against it, read a regi
 	$(WSI) pack $(SLIDE) -o demo/slide.zarr --overwrite
 	$(WSI) verify demo/slide.zarr --source $(SLIDE)
 	$(WSI) info demo/slide.zarr
+	$(WSI) pack $(SLIDE) -o demo/slide-idf.zarr --codec idf --overwrite
+	$(WSI) verify demo/slide-idf.zarr --source $(SLIDE)
 	$(WSI) region demo/slide.zarr --level 0 --x 1000 --y 1200 --width 512 --height 512 -o demo/region.png --overwrite
 
 test: $(STAMP)  ## the default test suite (CI runs this)

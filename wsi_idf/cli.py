@@ -135,7 +135,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     text += "\nstorage   " + "; ".join(f"level {i}: {_storage(lv)}" for i, lv in enumerate(s["storage"]))
     if s["archive_bytes"] > s["source_bytes"]:
         text += ("\nnote: the archive is larger than the source file because the source is stored lossily "
-                 "(e.g. JPEG): the archive keeps exactly the decoded pixels, which a lossy file only approximates"
+                 "(e.g. JPEG): the archive keeps exactly the decoded pixels, which a lossy file only approximates; "
+                 "--codec auto keeps the file's own tiles instead, pixel-exact and smaller"
                  if s["source_lossy"] else "\nnote: the archive is larger than the source file")
     if s["skipped_levels"]:
         text += f"\nnote: {s['skipped_levels']} source level(s) left out; see `wsi-idf info`"
