@@ -23,7 +23,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from wsi_idf.archive import archive_sizes, read_attributes, write_atomic
+from wsi_idf.archive import archive_sizes, read_attributes
+from wsi_idf.zarr_formats import write_atomic
 from wsi_idf.cli import configure_logging
 from wsi_idf.errors import WsiIdfError
 from wsi_idf.pack import pack_slide, partial_path

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import zarr
 
-from wsi_idf.archive import level_array_kwargs
+from wsi_idf.zarr_formats import V3
 from wsi_idf.coding import encode_patches
 from wsi_idf.errors import ArchiveError
 from wsi_idf.registry import get_model
@@ -33,8 +33,8 @@ def test_built_shards_read_back_through_zarr(tmp_path, val_patches):
     image = np.ascontiguousarray(val_patches[rng.integers(0, len(val_patches), 6 * 6)].reshape(6, 6, 3, 80, 80)
                                  .transpose(0, 3, 1, 4, 2).reshape(480, 480, 3)[:height, :width])
     model = get_model("fast")
-    arr = zarr.create_array(store=str(tmp_path / "0"), **level_array_kwargs(height, width, shard, "fast",
-                                                                             model.sha256, 3))
+    arr = zarr.create_array(store=str(tmp_path / "0"), **V3.level_array_kwargs(height, width, shard, "fast",
+                                                                                model.sha256))
     for box in shard_boxes(0, height, width, shard):
         patches, present = cut_patches(image[box.y0:box.y1, box.x0:box.x1], shard)
         data = build_shard(encode_patches(patches, model=model), present)

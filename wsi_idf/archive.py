@@ -9,13 +9,14 @@
       associated/label ... label, macro, thumbnail as (h, w, 3) uint8 in zstd
 
 With ``zarr_format=2`` the same tree is written in Zarr v2 (OME-NGFF 0.4): no sharding, one
-file per 80x80 chunk. The root metadata is written last, so an unfinished archive is never a
-valid image, and the whole tree is renamed into place only when complete.
+file per 80x80 chunk (what differs between the two lives in ``wsi_idf.zarr_formats``). The root
+metadata is written last, so an unfinished archive is never a valid image, and the whole tree is
+renamed into place only when complete. This module also checks an archive's metadata (archives
+are shared and not trusted) and opens it; ``wsi_idf.reader`` reads its levels.
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,59 +24,16 @@ import numpy as np
 
 from .config import CHANNELS, PATCH
 from .errors import ArchiveError, DamagedArchiveError, WsiIdfError
+from .zarr_formats import FORMATS, detect
 
 ARCHIVE_FORMAT = 2  # 2: patches bound to their positions (patch format 3); 1: wsi-idf 0.1-0.2
 READABLE_FORMATS = (1, 2)
 PREVIEW_MAX = 1024  # longest side of the preview's first level
 PREVIEW_MIN = 256
-STANDARD_CHUNK = 512
 MAX_LEVEL_SIDE = 2**20  # pixels: beyond any scanner (~250k), and within what a patch position names
 MAX_LEVELS = 32
 MAX_SMALL_IMAGE_BYTES = 2**28  # preview levels and associated images (a macro is ~10 MB)
 NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
-
-
-def level_array_kwargs(height: int, width: int, shard: int, model: str, weights: str, zarr_format: int,
-                       chunk: int = PATCH) -> dict:
-    """zarr.create_array arguments for one coded level (``chunk``: 80 for IDF patches, the tile side
-    for a level that keeps its source tiles)."""
-    common = dict(shape=(CHANNELS, height, width), dtype="uint8", chunks=(CHANNELS, chunk, chunk), fill_value=0,
-                  zarr_format=zarr_format, overwrite=True)
-    if zarr_format == 3:
-        from .zarr_codec import WsiIdfCodec
-        return dict(common, shards=(CHANNELS, shard, shard), serializer=WsiIdfCodec(model=model, weights=weights),
-                    compressors=None, dimension_names=("c", "y", "x"))
-    from .codec import WsiIdf
-    return dict(common, compressors=WsiIdf(model=model, weights=weights), filters=None,
-                chunk_key_encoding={"name": "v2", "separator": "/"})
-
-
-def standard_array_kwargs(shape: tuple[int, ...], zarr_format: int, dimension_names: tuple[str, ...]) -> dict:
-    """zarr.create_array arguments for preview and associated images: zstd, readable everywhere."""
-    chunks = tuple(min(s, STANDARD_CHUNK) if s > CHANNELS or len(shape) - i <= 2 else s
-                   for i, s in enumerate(shape))
-    common = dict(shape=shape, dtype="uint8", chunks=chunks, fill_value=0, zarr_format=zarr_format, overwrite=True)
-    if zarr_format == 3:
-        from zarr.codecs import ZstdCodec
-        return dict(common, compressors=ZstdCodec(level=19), dimension_names=dimension_names)
-    from numcodecs import Zstd
-    return dict(common, compressors=Zstd(level=19), chunk_key_encoding={"name": "v2", "separator": "/"})
-
-
-def chunk_path(root: Path, level: int, row: int, col: int, zarr_format: int) -> Path:
-    """The file holding shard (row, col) of ``level`` (v3), or chunk (row, col) (v2)."""
-    if zarr_format == 3:
-        return root / str(level) / "c" / "0" / str(row) / str(col)
-    return root / str(level) / "0" / str(row) / str(col)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary name and rename: a crash leaves either nothing or the whole object."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def ome_multiscale(name: str, datasets: list[tuple[str, float]], mpp: tuple[float, float] | None) -> dict:
@@ -91,40 +49,14 @@ def ome_multiscale(name: str, datasets: list[tuple[str, float]], mpp: tuple[floa
     }
 
 
-OMERO = {"rdefs": {"model": "color"}, "channels": [
-    {"label": label, "color": color, "active": True, "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
-    for label, color in (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))]}
-
-
-def write_group(path: Path, attributes: dict, zarr_format: int) -> None:
-    """A group's metadata, written directly: creating it through zarr could disturb existing children."""
-    if zarr_format == 3:
-        write_atomic(path / "zarr.json", json.dumps(
-            {"zarr_format": 3, "node_type": "group", "attributes": attributes}, indent=2).encode())
-    else:
-        write_atomic(path / ".zattrs", json.dumps(attributes, indent=2).encode())
-        write_atomic(path / ".zgroup", json.dumps({"zarr_format": 2}).encode())
-
-
-def image_attributes(multiscale: dict, zarr_format: int, extra: dict | None = None) -> dict:
-    """OME-NGFF attributes: 0.5 under ``ome`` for Zarr v3, 0.4 at the top level for v2."""
-    if zarr_format == 3:
-        attrs = {"ome": {"version": "0.5", "multiscales": [multiscale], "omero": OMERO}}
-    else:
-        attrs = {"multiscales": [dict(multiscale, version="0.4")], "omero": dict(OMERO, version="0.4")}
-    return {**attrs, **(extra or {})}
-
-
 def read_attributes(path: str | Path) -> tuple[dict, int]:
     """The root attributes of a finished archive and its Zarr format; refuses anything else."""
     path = Path(path)
     if not path.exists():
         raise ArchiveError(f"{path}: no such archive")
-    if (path / "zarr.json").is_file():
-        meta, fmt = read_json(path / "zarr.json"), 3
-        attrs = meta.get("attributes", {})
-    elif (path / ".zattrs").is_file():
-        attrs, fmt = read_json(path / ".zattrs"), 2
+    zarr_format = detect(path)
+    if zarr_format is not None:
+        attrs, fmt = zarr_format.attributes(read_json(path / zarr_format.root_file)), zarr_format.version
     else:
         partial = "; it looks like an unfinished pack (finish it with `wsi-idf pack --resume`)" \
             if path.name.endswith(".partial") or (path / ".wsi-idf-pack.json").exists() else ""
@@ -199,7 +131,7 @@ def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
         if storage not in ("idf", "source"):
             raise _damaged(path, f"{where} storage", f"must be idf or source, not {str(storage)[:40]!r}")
         chunk = PATCH if storage == "idf" else _int(path, f"{where} chunk", lv.get("chunk"), 16, 4096)
-        if lv.get("chunk", PATCH) != chunk or storage == "source" and zarr_format != 3:
+        if lv.get("chunk", PATCH) != chunk or storage == "source" and not FORMATS[zarr_format].keeps_source_tiles:
             raise _damaged(path, f"{where} chunk", f"must be {chunk} for {storage} storage in Zarr v{zarr_format}")
         if lv.get("source_codec") not in ((None,) if storage == "idf" else ("jpeg", "jpeg2000")):
             raise _damaged(path, f"{where} source_codec", f"does not fit {storage} storage")
@@ -209,8 +141,7 @@ def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
         _number(path, f"{where} downsample", lv.get("downsample"))
         _int(path, f"{where} encoded_bytes", lv.get("encoded_bytes"), 0, 2**62)
         _hex(path, f"{where} checksum", _dict(path, f"{where} checksum", lv.get("checksum")).get("value"), 64)
-    ome = attrs.get("ome", {}) if zarr_format == 3 else attrs
-    multiscales = _dict(path, "ome", ome).get("multiscales")
+    multiscales = _dict(path, "ome", FORMATS[zarr_format].ome(attrs)).get("multiscales")
     if not isinstance(multiscales, list) or not multiscales or not isinstance(multiscales[0], dict):
         raise _damaged(path, "OME-NGFF multiscales", "are missing")
     datasets = multiscales[0].get("datasets")
@@ -297,59 +228,30 @@ def read_json(path: Path) -> dict:
 def check_level_array(path: Path, level: int, lv: dict, model: dict, zarr_format: int) -> None:
     """A level's own array metadata (what zarr reads) must be what the archive attributes describe:
     sizes come from the arrays, and the codec, its weights and the shard layout are wsi-idf's."""
+    fmt = FORMATS[zarr_format]
     folder = path / str(level)
-    shape = [CHANNELS, lv["height"], lv["width"]]
-    codec = {"model": model["name"], "weights": model["weights"]}
-    if zarr_format == 3:
-        meta = read_json(folder / "zarr.json")
-        expected = {
-            "node_type": "array", "shape": shape, "data_type": "uint8", "fill_value": 0,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [CHANNELS, lv["shard"], lv["shard"]]}},
-            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-            "codecs": [{"name": "sharding_indexed", "configuration": {
-                "chunk_shape": [CHANNELS, lv.get("chunk", PATCH), lv.get("chunk", PATCH)],
-                "codecs": [{"name": "wsi_idf", "configuration": codec}],
-                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
-                "index_location": "end"}}]}
-    else:
-        meta = read_json(folder / ".zarray")
-        expected = {"shape": shape, "chunks": [CHANNELS, PATCH, PATCH], "dtype": "|u1", "fill_value": 0,
-                    "order": "C", "filters": None, "dimension_separator": "/",
-                    "compressor": {"id": "wsi_idf", **codec}}
-    for key, value in expected.items():
+    meta = read_json(folder / fmt.array_file)
+    for key, value in fmt.expected_level_metadata(lv, model).items():
         if meta.get(key) != value:
             raise DamagedArchiveError(f"{folder}: the level's array metadata ({key}) disagrees with the archive's "
-                               f"({str(meta.get(key))[:80]} vs {str(value)[:80]}): the archive is damaged or forged")
+                                      f"({str(meta.get(key))[:80]} vs {str(value)[:80]}): the archive is damaged or "
+                                      "forged")
 
 
-def check_small_array(folder: Path, zarr_format: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shape and chunks of a preview or associated array, refused unless it is uint8 in zstd as
-    wsi-idf writes it and small: a crafted one must not make a reader allocate without bound."""
-    if zarr_format == 3:
-        meta = read_json(folder / "zarr.json")
-        grid = meta.get("chunk_grid")
-        config = grid.get("configuration") if isinstance(grid, dict) else None
-        chunks = config.get("chunk_shape") if isinstance(config, dict) else None
-        names = [c.get("name") if isinstance(c, dict) else None for c in meta["codecs"]] \
-            if isinstance(meta.get("codecs"), list) else None
-        ok = (meta.get("node_type") == "array" and meta.get("data_type") == "uint8"
-              and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}}
-              and names in (["bytes", "zstd"], ["wsi_idf"]))
-    else:
-        meta = read_json(folder / ".zarray")
-        chunks = meta.get("chunks")
-        compressor = meta.get("compressor")
-        ok = (meta.get("dtype") == "|u1" and meta.get("filters") is None and meta.get("order") == "C"
-              and meta.get("dimension_separator") == "/" and isinstance(compressor, dict)
-              and compressor.get("id") == "zstd")
-    shape = meta.get("shape")
+def check_small_array(folder: Path, zarr_format: int) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """Shape and chunks of a preview or associated array (and whether the wsi_idf codec keeps it),
+    refused unless it is uint8 as wsi-idf writes it and small: a crafted one must not make a reader
+    allocate without bound."""
+    fmt = FORMATS[zarr_format]
+    layout = fmt.small_array_layout(read_json(folder / fmt.array_file))
+    shape, chunks, kept = layout if layout is not None else (None, None, False)
     valid = lambda v: (isinstance(v, list) and 1 <= len(v) <= 3
                        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v))
-    if not ok or not valid(shape) or not valid(chunks) or len(chunks) != len(shape) \
+    if layout is None or not valid(shape) or not valid(chunks) or len(chunks) != len(shape) \
             or int(np.prod(shape, dtype=object)) > MAX_SMALL_IMAGE_BYTES \
             or int(np.prod(chunks, dtype=object)) > MAX_SMALL_IMAGE_BYTES:
         raise DamagedArchiveError(f"{folder}: not a small uint8 zstd array as wsi-idf writes them: damaged or forged")
-    return tuple(shape), tuple(chunks), zarr_format == 3 and names == ["wsi_idf"]
+    return tuple(shape), tuple(chunks), kept
 
 
 def read_small_array(folder: Path, zarr_format: int) -> np.ndarray:
@@ -362,8 +264,7 @@ def read_small_array(folder: Path, zarr_format: int) -> np.ndarray:
     grid = [range(0, n, c) for n, c in zip(shape, chunks)]
     for starts in np.ndindex(*(len(g) for g in grid)):
         coords = tuple(int(i) for i in starts)
-        key = "/".join(map(str, coords))
-        path = folder / ("c/" + key if zarr_format == 3 else key)
+        path = FORMATS[zarr_format].small_chunk_file(folder, coords)
         buffer = np.empty(chunks, dtype=np.uint8)
         try:
             with open(path, "rb") as f:
@@ -472,8 +373,9 @@ def open_archive(path: str | Path) -> Archive:
     readers, levels = [], []
     for i, lv in enumerate(meta["levels"]):
         check_level_array(path, i, lv, model, fmt)
-        reader = LevelReader(path / str(i), i, lv["height"], lv["width"], lv["shard"] if fmt == 3 else PATCH, fmt,
-                             coding_model, bound=meta["format_version"] >= 2, storage=lv.get("storage", "idf"),
+        shard = lv["shard"] if FORMATS[fmt].sharded else PATCH  # v2: one file per chunk
+        reader = LevelReader(path / str(i), i, lv["height"], lv["width"], shard, fmt, coding_model,
+                             bound=meta["format_version"] >= 2, storage=lv.get("storage", "idf"),
                              chunk=lv.get("chunk", PATCH))
         readers.append(reader)
         levels.append(da.from_array(CheckedLevel(reader), chunks=(CHANNELS, lv["shard"], lv["shard"]),

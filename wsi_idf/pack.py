@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .archive import (ARCHIVE_FORMAT, PREVIEW_MAX, PREVIEW_MIN, archive_sizes, chunk_path, image_attributes,
-                      level_array_kwargs, ome_multiscale, standard_array_kwargs, write_atomic, write_group)
+from .archive import ARCHIVE_FORMAT, PREVIEW_MAX, PREVIEW_MIN, archive_sizes, ome_multiscale
+from .zarr_formats import FORMATS, write_atomic
 from .cluster import Runner, runner, set_torch_threads
 from .config import PATCH
 from .errors import ArchiveError, SlideError, WsiIdfError
@@ -56,10 +56,11 @@ def plan_layouts(slide: Slide, codec: str, shard: int, zarr_format: int) -> list
         raise ArchiveError(f"--codec must be one of {', '.join(CODECS)}, got {codec!r}")
     layouts = []
     for i in range(len(slide.levels)):
-        segments = slide.source_segments(i) if codec != "idf" and zarr_format == 3 else None
+        keeps = FORMATS[zarr_format].keeps_source_tiles
+        segments = slide.source_segments(i) if codec != "idf" and keeps else None
         if segments is None:
             if codec == "source":
-                why = "Zarr v2 archives store IDF patches only" if zarr_format != 3 else \
+                why = "Zarr v2 archives store IDF patches only" if not keeps else \
                     "its tiles are not JPEG or JPEG 2000 tiles this version can keep (or the backend is OpenSlide)"
                 raise ArchiveError(f"--codec source: level {i} cannot keep its source tiles ({why}); "
                                    "use --codec auto, which codes such levels with the IDF")
@@ -110,11 +111,12 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
     blobs = encode_patches(patches, model=model, batch_size=64 if device == "cpu" else 256, device=device,
                            timings=timings, positions=[(box.level, r, c) for r, c in cells])
     t1 = time.perf_counter()
-    if job.zarr_format == 3:
-        write_atomic(chunk_path(root, box.level, box.row, box.col, 3), build_shard(blobs, present))
+    fmt = FORMATS[job.zarr_format]
+    if fmt.sharded:
+        write_atomic(fmt.chunk_file(root, box.level, box.row, box.col), build_shard(blobs, present))
     else:
         for blob, (r, c) in zip(blobs, cells):
-            write_atomic(chunk_path(root, box.level, r, c, 2), blob)
+            write_atomic(fmt.chunk_file(root, box.level, r, c), blob)
     record = {"shard": box.name, "digest": region_digest(region).hex(), "encoded_bytes": sum(map(len, blobs)),
               "patches": len(blobs)}
     write_atomic(record_path(root, box), json.dumps(record).encode())
@@ -145,7 +147,8 @@ def keep_source_shard(box: ShardBox, job: ShardJob, layout: LevelLayout) -> dict
     present = np.zeros((per_side, per_side), dtype=bool)
     present[:rows, :cols] = True
     t2 = time.perf_counter()
-    write_atomic(chunk_path(Path(job.root), box.level, box.row, box.col, 3), build_shard(blobs, present))
+    write_atomic(FORMATS[job.zarr_format].chunk_file(Path(job.root), box.level, box.row, box.col),
+                 build_shard(blobs, present))
     record = {"shard": box.name, "digest": region_digest(region).hex(), "encoded_bytes": sum(map(len, blobs)),
               "patches": len(blobs), "source_bytes": sum(map(len, raw))}
     write_atomic(record_path(Path(job.root), box), json.dumps(record).encode())
@@ -204,8 +207,8 @@ def create_levels(root: Path, slide: Slide, model: str, weights: str, layouts: l
                   zarr_format: int) -> None:
     import zarr
     for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):
-        zarr.create_array(store=str(root / str(i)), **level_array_kwargs(
-            lv.height, lv.width, layout.shard, model, weights, zarr_format, chunk=layout.chunk))
+        zarr.create_array(store=str(root / str(i)), **FORMATS[zarr_format].level_array_kwargs(
+            lv.height, lv.width, layout.shard, model, weights, chunk=layout.chunk))
 
 
 def write_associated(root: Path, slide: Slide, drop_label: bool, zarr_format: int, keep_source: bool = False,
@@ -219,12 +222,13 @@ def write_associated(root: Path, slide: Slide, drop_label: bool, zarr_format: in
     names = [n for n in slide.associated_names() if not (drop_label and n == "label")]
     if not names:
         return []
-    write_group(root / "associated", {"wsi_idf": {"associated": names}}, zarr_format)
+    fmt = FORMATS[zarr_format]
+    fmt.write_group(root / "associated", {"wsi_idf": {"associated": names}})
     for name in names:
         folder = root / "associated" / name
-        if not (keep_source and zarr_format == 3):
+        if not (keep_source and fmt.keeps_source_tiles):
             image = slide.associated(name)
-            arr = zarr.create_array(store=str(folder), **standard_array_kwargs(image.shape, zarr_format, ("y", "x", "c")))
+            arr = zarr.create_array(store=str(folder), **fmt.standard_array_kwargs(image.shape, ("y", "x", "c")))
             arr[...] = image
             continue
         write_associated_source(folder, slide, name, model, weights)
@@ -256,7 +260,7 @@ def write_associated_source(folder: Path, slide: Slide, name: str, model: str, w
                       serializer=WsiIdfCodec(model=model, weights=weights), compressors=None, zarr_format=3,
                       dimension_names=("y", "x", "c"), overwrite=True)
     for (r, c), blob in chunks.items():
-        write_atomic(folder / "c" / str(r) / str(c) / "0", blob)
+        write_atomic(FORMATS[3].small_chunk_file(folder, (r, c, 0)), blob)
 
 
 PREVIEW_MAX_SOURCE = 512  # when levels keep their compact source tiles, a zstd preview would dominate the archive
@@ -291,7 +295,7 @@ def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp, ma
     while True:
         planar = np.ascontiguousarray(image.transpose(2, 0, 1))
         arr = zarr.create_array(store=str(root / "preview" / str(level)),
-                                **standard_array_kwargs(planar.shape, zarr_format, ("c", "y", "x")))
+                                **FORMATS[zarr_format].standard_array_kwargs(planar.shape, ("c", "y", "x")))
         arr[...] = planar
         datasets.append((str(level), downsample))
         if max(image.shape[:2]) <= PREVIEW_MIN or min(image.shape[:2]) < 2:
@@ -301,8 +305,8 @@ def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp, ma
         image = ((blocks + 2) // 4).astype(np.uint8)
         downsample *= 2
         level += 1
-    write_group(root / "preview", image_attributes(ome_multiscale(f"{name} preview", datasets, mpp), zarr_format),
-                zarr_format)
+    fmt = FORMATS[zarr_format]
+    fmt.write_group(root / "preview", fmt.image_attributes(ome_multiscale(f"{name} preview", datasets, mpp)))
     return len(datasets)
 
 
@@ -394,7 +398,8 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
                     "preview": {"path": "preview", "levels": preview_levels}}
             multiscale = ome_multiscale(source.stem, [(str(i), lv.downsample) for i, lv in enumerate(slide.levels)],
                                         slide.info.mpp)
-            write_group(root, image_attributes(multiscale, zarr_format, {"wsi_idf": meta}), zarr_format)
+            fmt = FORMATS[zarr_format]
+            fmt.write_group(root, fmt.image_attributes(multiscale, {"wsi_idf": meta}))
             shutil.rmtree(root / RECORDS_DIR, ignore_errors=True)
             (root / PLAN_FILE).unlink(missing_ok=True)
             finish(root, out)

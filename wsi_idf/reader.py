@@ -27,6 +27,7 @@ from .config import CHANNELS, PATCH
 from .errors import ArchiveError, CorruptPatchError, WeightsMismatchError
 from .model_file import CodingModel
 from .shards import ShardIndex
+from .zarr_formats import FORMATS, ZarrFormat
 
 HEAD = 64  # bytes that always hold a patch's header and stream table
 MAX_PATCH_BYTES = fmt.RAW_BYTES + fmt.HEADER.size + fmt.POSITION.size  # the encoder never writes more
@@ -59,11 +60,13 @@ class LevelReader:
         JPEG 2000 tile is taken to be at most twice its raw pixels."""
         return MAX_PATCH_BYTES if self.storage == "idf" else 2 * 3 * self.chunk * self.chunk + 4096
 
-    def shard_path(self, srow: int, scol: int) -> Path:
-        return self.root / "c" / "0" / str(srow) / str(scol)
+    @property
+    def format(self) -> ZarrFormat:
+        return FORMATS[self.zarr_format]
 
-    def chunk_path(self, row: int, col: int) -> Path:
-        return self.root / "0" / str(row) / str(col)
+    def shard_path(self, srow: int, scol: int) -> Path:
+        """The file of shard (srow, scol) (v3), or of chunk (srow, scol) (v2: one file per chunk)."""
+        return self.format.chunk_file(self.root.parent, self.level, srow, scol)
 
     def region(self, x: int, y: int, width: int, height: int,
                levels: int | None = None) -> tuple[np.ndarray, int]:
@@ -117,10 +120,10 @@ class LevelReader:
         """The stored bytes of chunks ``rows`` x ``cols`` (only a preview's prefix with ``levels``)."""
         blobs: dict[tuple[int, int], bytes] = {}
         counter = [0]
-        if self.zarr_format == 2:
+        if not self.format.sharded:
             for r in rows:
                 for c in cols:
-                    path = self.chunk_path(r, c)
+                    path = self.shard_path(r, c)
                     try:
                         with open(path, "rb") as f:
                             size = f.seek(0, 2)

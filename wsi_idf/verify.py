@@ -15,6 +15,7 @@ from .errors import CorruptPatchError, DamagedArchiveError, VerificationError, W
 from .digests import level_checksum, region_digest
 from .shards import ShardBox, shard_boxes
 from .slide import SlideRef, cached_slide, open_slide
+from .zarr_formats import FORMATS
 
 _archives: dict[str, object] = {}
 _archives_lock = threading.Lock()
@@ -100,13 +101,11 @@ def check_stored_count(archive, level: int, lv: dict) -> None:
     """Before listing a level's shards, refuse one whose metadata claims far more than are stored
     (a forged 10^6 x 10^6 level must not make verify build millions of tasks)."""
     from .config import PATCH
-    if archive.zarr_format == 3:
-        expected = -(-lv["height"] // lv["shard"]) * -(-lv["width"] // lv["shard"])
-        stored = stored_files(archive.path / str(level) / "c" / "0", 2)
-    else:
-        expected = -(-lv["height"] // PATCH) * -(-lv["width"] // PATCH)
-        stored = stored_files(archive.path / str(level) / "0", 2)
-    per_shard = 1 if archive.zarr_format == 3 else (lv["shard"] // PATCH) ** 2
+    fmt = FORMATS[archive.zarr_format]
+    side = lv["shard"] if fmt.sharded else PATCH  # one file per shard (v3) or per chunk (v2)
+    expected = -(-lv["height"] // side) * -(-lv["width"] // side)
+    stored = stored_files(fmt.chunk_files_folder(archive.path / str(level)), 2)
+    per_shard = 1 if fmt.sharded else (lv["shard"] // PATCH) ** 2
     if expected - stored > MISSING_LISTED * per_shard:
         message = (f"level {level}: {expected - stored:,} of its {expected:,} {'shard' if per_shard == 1 else 'chunk'} "
                    "files are missing (or its size is forged)")
@@ -138,7 +137,7 @@ def verify_archive(path: str | Path, source: str | Path | None = None, backend: 
     boxes = [box for i, lv in enumerate(meta["levels"]) for box in shard_boxes(i, lv["height"], lv["width"], lv["shard"])]
     results: dict[str, dict] = {}
     with runner(scheduler, workers, "cpu") as run:
-        root_meta = archive.path / ("zarr.json" if archive.zarr_format == 3 else ".zattrs")
+        root_meta = archive.path / FORMATS[archive.zarr_format].root_file
         job = VerifyJob(str(archive.path.resolve()), job_source, source_levels, run.torch_threads,
                         root_meta.stat().st_mtime_ns)
         for result in run.map(verify_shard, boxes, job, progress=progress, desc="verifying"):
