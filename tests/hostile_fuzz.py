@@ -71,7 +71,9 @@ def mutate_index(archive: Path, rng: random.Random) -> str:
     shards = sorted(p for p in archive.glob("[0-9]/c/0/*/*") if p.is_file())
     path = rng.choice(shards)
     data = path.read_bytes()
-    cells = 4  # shards of 2x2 patches
+    level = json.loads((path.parents[3] / "zarr.json").read_text())
+    shard = level["chunk_grid"]["configuration"]["chunk_shape"][1]
+    cells = (shard // level["codecs"][0]["configuration"]["chunk_shape"][1]) ** 2
     size = 16 * cells + 4
     index = np.frombuffer(data[-size:-4], dtype="<u8").copy()
     slot = rng.randrange(len(index))
@@ -89,9 +91,10 @@ def mutate(archive: Path, rng: random.Random) -> str:
     if kind == "ome":
         return mutate_json(archive / "zarr.json", rng, ("attributes", "ome"))
     if kind == "level":
-        return mutate_json(archive / rng.choice(["0", "1"]) / "zarr.json", rng)
+        return mutate_json(rng.choice(sorted(archive.glob("[0-9]/zarr.json"))), rng)
     if kind == "preview":
-        return mutate_json(archive / "preview" / "0" / "zarr.json", rng)
+        return mutate_json(rng.choice(sorted([*archive.glob("preview/0/zarr.json"),
+                                              *archive.glob("associated/*/zarr.json")])), rng)
     return mutate_index(archive, rng)
 
 

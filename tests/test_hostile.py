@@ -374,3 +374,18 @@ def test_an_archive_written_by_wsi_idf_0_2_still_reads(capsys, tmp_path):
     assert np.array_equal(full, zarr.open_group(fixture, mode="r")["0"][:, 20:170, 10:210].transpose(1, 2, 0))
     assert archive.region(0, 10, 20, 200, 150, levels=1).shape == (150, 200, 3)
     assert run_cli(capsys, "unpack", str(fixture), "-o", str(tmp_path / "v1.tif"), "-q")[0] == 0
+
+
+@pytest.mark.parametrize("cases", [10, pytest.param(150, marks=pytest.mark.slow)])
+def test_fuzzed_metadata_of_an_archive_that_keeps_source_tiles(tmp_path, cases):
+    """The same fuzz on the CMU slide packed with its own JPEG tiles (kept-tile chunks, JPEG XL
+    associated images)."""
+    reference = tmp_path / "cmu.zarr"
+    pack_slide(CMU_SVS, reference, scheduler="synchronous")
+    work = tmp_path / "work"
+    work.mkdir()
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "hostile_fuzz.py"), str(reference), str(work),
+                             "5", str(cases), "6"], capture_output=True, text=True, timeout=3600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["failures"] == [], json.dumps(report["failures"][:5], indent=1)

@@ -149,7 +149,7 @@ def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
     if paths != [str(i) for i in range(len(levels))]:
         raise _damaged(path, "OME-NGFF dataset paths", f"must be the levels {[str(i) for i in range(len(levels))]}, "
                        f"not {str(paths)[:80]}: viewers would show other pixels than wsi-idf verifies")
-    associated = meta.get("associated", [])
+    associated = meta.get("associated")
     if not isinstance(associated, list):
         raise _damaged(path, "associated", "must be a list of names")
     for name in associated:
