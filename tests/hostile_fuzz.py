@@ -71,9 +71,12 @@ def mutate_index(archive: Path, rng: random.Random) -> str:
     shards = sorted(p for p in archive.glob("[0-9]/c/0/*/*") if p.is_file())
     path = rng.choice(shards)
     data = path.read_bytes()
-    level = json.loads((path.parents[3] / "zarr.json").read_text())
-    shard = level["chunk_grid"]["configuration"]["chunk_shape"][1]
-    cells = (shard // level["codecs"][0]["configuration"]["chunk_shape"][1]) ** 2
+    try:  # the level's metadata may itself be mutated already: then assume 2x2 chunks
+        level = json.loads((path.parents[3] / "zarr.json").read_text())
+        shard = level["chunk_grid"]["configuration"]["chunk_shape"][1]
+        cells = (shard // level["codecs"][0]["configuration"]["chunk_shape"][1]) ** 2
+    except (KeyError, TypeError, IndexError, ValueError, ZeroDivisionError):
+        cells = 4
     size = 16 * cells + 4
     index = np.frombuffer(data[-size:-4], dtype="<u8").copy()
     slot = rng.randrange(len(index))
