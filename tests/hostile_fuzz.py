@@ -77,6 +77,8 @@ def mutate_index(archive: Path, rng: random.Random) -> str:
         cells = (shard // level["codecs"][0]["configuration"]["chunk_shape"][1]) ** 2
     except (KeyError, TypeError, IndexError, ValueError, ZeroDivisionError):
         cells = 4
+    if not (isinstance(cells, int) and 1 <= cells and 16 * cells + 4 <= len(data)):
+        cells = 4
     size = 16 * cells + 4
     index = np.frombuffer(data[-size:-4], dtype="<u8").copy()
     slot = rng.randrange(len(index))
