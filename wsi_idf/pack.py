@@ -127,7 +127,7 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
 def keep_source_shard(box: ShardBox, job: ShardJob, layout: LevelLayout) -> dict:
     """Task: one shard of a ``source`` level: the source's own tiles, kept bit-exactly (JPEG
     recompressed with JPEG XL), each checked by decoding it as tifffile does."""
-    from .source_tiles import Layout, encode_segment
+    from .source_tiles import Layout, encode_segment, max_chunk_bytes
     t0 = time.perf_counter()
     slide = cached_slide(job.slide)
     segments = slide.source_segments(box.level)
@@ -140,6 +140,9 @@ def keep_source_shard(box: ShardBox, job: ShardJob, layout: LevelLayout) -> dict
     blobs = []
     for (r, c), data in zip(cells, raw):
         blob, pixels = encode_segment(data, segments.coding, (tile, tile), Layout.PLANAR, (box.level, r, c))
+        if len(blob) > max_chunk_bytes(tile, tile):
+            raise SlideError(f"level {box.level} tile ({r}, {c}) takes {len(blob)} bytes, more than twice its raw "
+                             "pixels: it cannot be kept; use --codec idf")
         blobs.append(blob)
         y, x = (r - box.y0 // tile) * tile, (c - box.x0 // tile) * tile
         region[y:y + tile, x:x + tile] = pixels

@@ -58,7 +58,8 @@ class LevelReader:
     def max_chunk_bytes(self) -> int:
         """No stored chunk is larger: the IDF encoder never exceeds raw + header; a kept JPEG or
         JPEG 2000 tile is taken to be at most twice its raw pixels."""
-        return MAX_PATCH_BYTES if self.storage == "idf" else 2 * 3 * self.chunk * self.chunk + 4096
+        from .source_tiles import max_chunk_bytes
+        return MAX_PATCH_BYTES if self.storage == "idf" else max_chunk_bytes(self.chunk, self.chunk)
 
     @property
     def format(self) -> ZarrFormat:

@@ -32,6 +32,12 @@ LOSSY_KINDS = {"JPEG": "jpeg", "APERIO_JP2000_RGB": "jpeg2000", "JPEG2000": "jpe
 MAX_TILE = 4096
 
 
+def max_chunk_bytes(height: int, width: int) -> int:
+    """The most a kept tile's chunk may take: twice its raw pixels (a JPEG or JPEG 2000 tile is
+    smaller than raw in practice). Readers treat a larger chunk as damage, so pack refuses to write one."""
+    return 2 * 3 * height * width + 4096
+
+
 class Kind(IntEnum):
     JPEG_AS_JPEGXL = 1  # a JPEG stream, losslessly recompressed
     JPEG = 2  # a JPEG stream kept as it is
