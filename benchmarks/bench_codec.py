@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from wsi_idf import decode_patches, encode_patches, ideal_bits
-from wsi_idf.data import data_dir, grid_patches, load_tiles
-from wsi_idf.model_export import load_float_model
-from wsi_idf.registry import MODELS, RETIRED, WEIGHTS_DIR, get_model
+from wsi_idf.model.data import data_dir, grid_patches, load_tiles
+from wsi_idf.model.export import load_float_model
+from wsi_idf.coding.registry import MODELS, RETIRED, WEIGHTS_DIR, get_model
 
 CLASSICAL = {
     "JPEG XL e1": (lambda im: imagecodecs.jpegxl_encode(im, lossless=True, effort=1), imagecodecs.jpegxl_decode),
@@ -83,7 +83,7 @@ def bench_model(name: str, patches: np.ndarray, batch_size: int) -> dict:
 
 def tile_patches(tile: np.ndarray) -> np.ndarray:
     """A whole tile as the archive stores it: 80x80 patches, edges padded by repetition."""
-    from wsi_idf.shards import cut_patches
+    from wsi_idf.storage.shards import cut_patches
     side = -(-max(tile.shape[:2]) // 80) * 80
     return cut_patches(tile, side)[0]
 

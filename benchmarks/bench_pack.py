@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from slides import CMU_SVS, TCGA_SVS  # noqa: E402  (the real slides and real-tile builders)
 
 from wsi_idf import open_archive  # noqa: E402
-from wsi_idf.pack import pack_slide  # noqa: E402
-from wsi_idf.verify import verify_archive  # noqa: E402
+from wsi_idf.jobs.pack import pack_slide  # noqa: E402
+from wsi_idf.jobs.verify import verify_archive  # noqa: E402
 
 
 def peak_rss_mb() -> float:

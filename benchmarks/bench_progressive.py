@@ -22,10 +22,10 @@ import tifffile
 import torch
 from PIL import Image, ImageDraw
 
-from wsi_idf.data import data_dir
-from wsi_idf.pack import pack_slide
-from wsi_idf.progressive import read_region
-from wsi_idf.registry import MODELS
+from wsi_idf.model.data import data_dir
+from wsi_idf.jobs.pack import pack_slide
+from wsi_idf.archive.progressive import read_region
+from wsi_idf.coding.registry import MODELS
 from wsi_idf.slide import open_slide
 
 SIDE = 2048

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from slides import write_mosaic_pyramid  # noqa: E402  (real-tile builder)
 
-from wsi_idf.pack import pack_slide  # noqa: E402
+from wsi_idf.jobs.pack import pack_slide  # noqa: E402
 
 
 def peak_rss_mb() -> float:

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 import wsi_idf
-from wsi_idf.data import data_dir
+from wsi_idf.model.data import data_dir
 from wsi_idf.slide import open_slide
-from wsi_idf.verify import verify_archive
+from wsi_idf.jobs.verify import verify_archive
 
 slide = Path(sys.argv[1]) if len(sys.argv) > 1 else data_dir() / "slides" / "cmu-1-small-region.svs"
 out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("example-slide.zarr")

@@ -23,11 +23,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from wsi_idf.archive import archive_sizes, read_attributes
-from wsi_idf.zarr_formats import write_atomic
+from wsi_idf.archive.layout import archive_sizes, read_attributes
+from wsi_idf.storage.zarr_formats import write_atomic
 from wsi_idf.cli import configure_logging
 from wsi_idf.errors import WsiIdfError
-from wsi_idf.pack import pack_slide, partial_path
+from wsi_idf.jobs.pack import pack_slide, partial_path
 
 log = logging.getLogger("wsi_idf")
 
@@ -164,7 +164,7 @@ def cluster_address(args: argparse.Namespace) -> Iterator[str]:
 
     from distributed import LocalCluster
 
-    from wsi_idf.cluster import default_workers
+    from wsi_idf.jobs.cluster import default_workers
     workers = args.workers or default_workers()
     with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0",
                       silence_logs=_logging.ERROR) as cluster:

@@ -5,7 +5,7 @@
     python pipelines/train_models.py fast --init-from wsi_idf/weights/fast-01b41279.safetensors \\
         --data /lab/slides --out finetuned/
 
-Each model trains with ``wsi_idf.training.train_model``: resumable checkpoints (run again to
+Each model trains with ``wsi_idf.model.training.train_model``: resumable checkpoints (run again to
 continue), a JSON-lines log of train and validation bits per sub-pixel, and an exported coding
 model proved to round-trip exactly. On a cluster each model is one task; with ``--device cuda``
 it asks for a worker with the resource ``GPU=1``.
@@ -18,9 +18,9 @@ import logging
 import sys
 from pathlib import Path
 
-from wsi_idf.data import data_dir
-from wsi_idf.registry import MODELS
-from wsi_idf.training import TrainSettings, train_model
+from wsi_idf.model.data import data_dir
+from wsi_idf.coding.registry import MODELS
+from wsi_idf.model.training import TrainSettings, train_model
 
 
 def main(argv: list[str] | None = None) -> int:

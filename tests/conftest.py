@@ -6,7 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from wsi_idf.data import data_dir, grid_patches, load_tiles
+from wsi_idf.model.data import data_dir, grid_patches, load_tiles
 
 DATA = data_dir()
 NO_DATA = f"real H&E data not found at {DATA} (set WSI_IDF_DATA to the shared data folder)"

@@ -1,6 +1,6 @@
 """An independent pure-integer (numpy int64) evaluation of a model file, for tests.
 
-It reads the safetensors file directly and shares no code with ``wsi_idf.integer_flow``.
+It reads the safetensors file directly and shares no code with ``wsi_idf.coding.integer_flow``.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import numpy as np
 import tifffile
 
 from conftest import DATA
-from wsi_idf.data import read_rgb
+from wsi_idf.model.data import read_rgb
 
 TILE_FOLDER = DATA / "tiles" / "train" / "monuseg"
 SLIDES = DATA / "slides"
@@ -113,7 +113,7 @@ def write_mosaic_pyramid(path: Path, width: int, height: int, levels: int = 4, s
 def small_slide_and_archive(work: Path, seed: int, shard: int) -> tuple[Path, list[np.ndarray], Path]:
     """A 400x560 two-level pyramidal TIFF of real tissue and its archive in small shards (many shards,
     so damage and faults land everywhere): the fault and hostile-archive tests' material."""
-    from wsi_idf.pack import pack_slide
+    from wsi_idf.jobs.pack import pack_slide
     levels = pyramid(mosaic(400, 560, seed=seed), 2)
     slide = write_pyramidal_tiff(work / "slide.tif", levels)
     archive = work / "reference.zarr"

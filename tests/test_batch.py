@@ -17,8 +17,8 @@ from pipelines.archive_batch import main as batch_main
 from slides import CMU_SVS, mosaic, pyramid, write_pyramidal_tiff
 from wsi_idf import open_archive
 from wsi_idf.errors import ClusterError
-from wsi_idf.pack import RECORDS_DIR, pack_slide, partial_path
-from wsi_idf.verify import verify_archive
+from wsi_idf.jobs.pack import RECORDS_DIR, pack_slide, partial_path
+from wsi_idf.jobs.verify import verify_archive
 
 pytestmark = pytest.mark.skipif(not CMU_SVS.exists(), reason=NO_DATA)
 REPO = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ import zarr
 
 from wsi_idf import WeightsMismatchError
 from wsi_idf.errors import UnknownModelError, WsiIdfError
-from wsi_idf.codec import WsiIdf
-from wsi_idf.registry import DEFAULT_MODEL, get_model
-from wsi_idf.zarr_codec import WsiIdfCodec
+from wsi_idf.storage.numcodecs_codec import WsiIdf
+from wsi_idf.coding.registry import DEFAULT_MODEL, get_model
+from wsi_idf.storage.zarr_codec import WsiIdfCodec
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_codecs_pickle_as_configuration():
 def test_zarr_batches_chunks_through_the_codec(tmp_path, val_patches):
     """zarr passes 64 chunks per codec call once wsi_idf's codec is loaded; results equal one at a time."""
     import zarr
-    from wsi_idf.zarr_codec import DECODE_BATCH, WsiIdfCodec
+    from wsi_idf.storage.zarr_codec import DECODE_BATCH, WsiIdfCodec
     assert zarr.config.get("codec_pipeline.batch_size") == DECODE_BATCH
     image = val_patches[:16].reshape(4, 4, 3, 80, 80).transpose(2, 0, 3, 1, 4).reshape(3, 320, 320)
     arr = zarr.create_array(str(tmp_path / "b.zarr"), shape=image.shape, dtype="uint8", chunks=(3, 80, 80),

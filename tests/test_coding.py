@@ -14,8 +14,8 @@ from hypothesis import given, settings, strategies as st
 import wsi_idf
 from conftest import DATA, HARD_KINDS, NO_DATA, hard_patch
 from wsi_idf import CorruptPatchError, InvalidPatchError, WeightsMismatchError, decode_patches, encode_patches
-from wsi_idf import patch_format as fmt
-from wsi_idf.registry import MODELS, RETIRED, WEIGHTS_DIR
+from wsi_idf.coding import patch_format as fmt
+from wsi_idf.coding.registry import MODELS, RETIRED, WEIGHTS_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures" / "format_v1"
 
@@ -162,7 +162,7 @@ def test_committed_fixture_bytes_decode(tmp_path, folder, version):
         else:
             if not (DATA / "tiles").is_dir():
                 pytest.skip(NO_DATA)
-            from wsi_idf.data import read_rgb
+            from wsi_idf.model.data import read_rgb
             tile = read_rgb(DATA / item["tile"])
             y, x = item["y"], item["x"]
             expected = np.ascontiguousarray(tile[y:y + 80, x:x + 80].transpose(2, 0, 1))
@@ -195,7 +195,7 @@ def test_gpu_encode_equals_cpu_encode(val_patches):
 def test_every_validation_patch_roundtrips_with_every_model():
     if not (DATA / "tiles" / "val").is_dir():
         pytest.skip(NO_DATA)
-    from wsi_idf.data import grid_patches, load_tiles
+    from wsi_idf.model.data import grid_patches, load_tiles
     patches = grid_patches(load_tiles(DATA / "tiles" / "val"))
     for name in MODELS:
         np.testing.assert_array_equal(decode_patches(encode_patches(patches, model=name)), patches)

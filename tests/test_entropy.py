@@ -6,8 +6,8 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from wsi_idf.config import PROB_BITS
-from wsi_idf.entropy import TableModels, pop, push
-from wsi_idf.tables import split_table, to_frequencies
+from wsi_idf.coding.entropy import TableModels, pop, push
+from wsi_idf.model.tables import split_table, to_frequencies
 
 
 def roundtrip(tables, values, rows, centres):

@@ -23,11 +23,11 @@ from wsi_idf import open_archive
 from wsi_idf.cli import main
 from wsi_idf.errors import ArchiveError, CorruptPatchError, VerificationError, WeightsMismatchError, WsiIdfError
 from wsi_idf.outputs import lock_path, output_lock
-from wsi_idf.pack import pack_slide
-from wsi_idf.progressive import read_region
-from wsi_idf.registry import RETIRED, WEIGHTS_DIR
-from wsi_idf.shards import build_shard
-from wsi_idf.verify import verify_archive
+from wsi_idf.jobs.pack import pack_slide
+from wsi_idf.archive.progressive import read_region
+from wsi_idf.coding.registry import RETIRED, WEIGHTS_DIR
+from wsi_idf.storage.shards import build_shard
+from wsi_idf.jobs.verify import verify_archive
 
 pytestmark = pytest.mark.skipif(not CMU_SVS.exists(), reason=NO_DATA)
 REPO = Path(__file__).resolve().parents[1]

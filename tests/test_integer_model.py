@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import int_reference
-from wsi_idf.coding import ideal_bits
-from wsi_idf.model_export import load_float_model
+from wsi_idf.coding.batch import ideal_bits
+from wsi_idf.model.export import load_float_model
 from wsi_idf.config import WaveletConfig
-from wsi_idf.registry import MODELS, RETIRED, WEIGHTS_DIR, get_model
+from wsi_idf.coding.registry import MODELS, RETIRED, WEIGHTS_DIR, get_model
 
 SHIPPED = sorted({e.weights for e in (*MODELS.values(), *RETIRED)})
 
@@ -83,8 +83,8 @@ def lift_53(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_untrained_v2_flow_is_the_integer_5_3_wavelet(tmp_path, val_patches):
     """Zero-initialized residuals: the v2 flow starts as JPEG 2000's reversible transform in YCoCg-R."""
-    from wsi_idf.model_export import export_model, new_float_model
-    from wsi_idf.model_file import load_coding_model
+    from wsi_idf.model.export import export_model, new_float_model
+    from wsi_idf.coding.model_file import load_coding_model
     model = load_coding_model(export_model(new_float_model(WaveletConfig()), tmp_path, "untrained"))
     outs, _, _, _ = torch_forward(model, val_patches[:2])
     r, g, b = (val_patches[:2, i].astype(np.int64) for i in range(3))

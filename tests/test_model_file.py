@@ -7,9 +7,9 @@ import pytest
 
 from wsi_idf import WeightsMismatchError, WsiIdfError
 from wsi_idf.digests import file_sha256
-from wsi_idf.model_export import export_model, load_float_model
-from wsi_idf.model_file import load_coding_model
-from wsi_idf.registry import MODELS, RETIRED, WEIGHTS_DIR
+from wsi_idf.model.export import export_model, load_float_model
+from wsi_idf.coding.model_file import load_coding_model
+from wsi_idf.coding.registry import MODELS, RETIRED, WEIGHTS_DIR
 
 SHIPPED = {e.weights: e for e in (*MODELS.values(), *RETIRED)}
 
@@ -77,7 +77,7 @@ def test_v2_tables_break_ties_by_integers():
     modes, whatever the last bit of tanh on this machine (model v1 tables keep their float argmax)."""
     import numpy as np
     from wsi_idf.config import MEAN_STEPS, SPLIT_WINDOW
-    from wsi_idf.tables import split_table
+    from wsi_idf.model.tables import split_table
     table = split_table(deterministic=True)
     half = table[np.arange(table.shape[0]) % MEAN_STEPS == MEAN_STEPS // 2]
     left, right = half[:, SPLIT_WINDOW], half[:, SPLIT_WINDOW + 1]

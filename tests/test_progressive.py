@@ -10,12 +10,12 @@ import pytest
 from conftest import NO_DATA
 from slides import CMU_SVS, mosaic, pyramid, write_pyramidal_tiff
 from wsi_idf import decode_patches, encode_patches, open_archive
-from wsi_idf import patch_format as fmt
+from wsi_idf.coding import patch_format as fmt
 from wsi_idf.cli import main
-from wsi_idf.coding import preview_prefix
-from wsi_idf.pack import pack_slide
-from wsi_idf.progressive import read_region
-from wsi_idf.registry import RETIRED, WEIGHTS_DIR
+from wsi_idf.coding.batch import preview_prefix
+from wsi_idf.jobs.pack import pack_slide
+from wsi_idf.archive.progressive import read_region
+from wsi_idf.coding.registry import RETIRED, WEIGHTS_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

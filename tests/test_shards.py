@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import zarr
 
-from wsi_idf.zarr_formats import V3
-from wsi_idf.coding import encode_patches
+from wsi_idf.storage.zarr_formats import V3
+from wsi_idf.coding.batch import encode_patches
 from wsi_idf.errors import ArchiveError
-from wsi_idf.registry import get_model
+from wsi_idf.coding.registry import get_model
 from wsi_idf.digests import level_checksum, region_digest
-from wsi_idf.shards import build_shard, cut_patches, shard_boxes, shard_chunks
+from wsi_idf.storage.shards import build_shard, cut_patches, shard_boxes, shard_chunks
 
 
 def test_shard_boxes_cover_the_level_once():

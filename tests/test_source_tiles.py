@@ -14,13 +14,13 @@ import zarr
 from conftest import NO_DATA
 from slides import CMU_SVS, TCGA_SVS, mosaic, pyramid, write_pyramidal_tiff
 from wsi_idf import open_archive
-from wsi_idf import patch_format as fmt
-from wsi_idf import source_tiles
+from wsi_idf.coding import patch_format as fmt
+from wsi_idf.storage import source_tiles
 from wsi_idf.cli import main
 from wsi_idf.errors import CorruptPatchError, VerificationError
-from wsi_idf.archive import tree_size
+from wsi_idf.archive.layout import tree_size
 from wsi_idf.slide import open_slide
-from wsi_idf.verify import verify_archive
+from wsi_idf.jobs.verify import verify_archive
 
 pytestmark = pytest.mark.skipif(not CMU_SVS.exists(), reason=NO_DATA)
 

@@ -9,8 +9,8 @@ import pytest
 from conftest import DATA, NO_DATA
 from slides import CMU_SVS
 from wsi_idf.cli import main
-from wsi_idf.model_file import load_coding_model
-from wsi_idf.training import CropSource, background_mask, find_training_data
+from wsi_idf.coding.model_file import load_coding_model
+from wsi_idf.model.training import CropSource, background_mask, find_training_data
 
 pytestmark = pytest.mark.skipif(not CMU_SVS.exists(), reason=NO_DATA)
 
@@ -32,7 +32,7 @@ def test_tiles_and_slides_are_told_apart(tmp_path):
 
 def test_train_cli_fine_tunes_and_proves_the_exported_model(tmp_path, capsys):
     out = tmp_path / "ft"
-    from wsi_idf.registry import weights_file
+    from wsi_idf.coding.registry import weights_file
     argv = ["train", "fast", "--init-from", str(weights_file("fast")), "--data", str(CMU_SVS), "--data",
             str(DATA / "tiles" / "val" / "cryonuseg"), "--val", str(DATA / "tiles" / "val" / "cryonuseg"),
             "--steps", "3", "--batch-size", "4", "--eval-every", "3", "--out", str(out), "--json", "-q"]
@@ -57,10 +57,10 @@ def test_recipe_float_then_quantized_with_ema_and_resumable_optimizer(tmp_path):
     import torch
     from safetensors.torch import load_file
     from wsi_idf.config import WaveletConfig
-    from wsi_idf.data import grid_patches, load_tiles
-    from wsi_idf.flow import QuantNet
-    from wsi_idf.training import TrainSettings, train
-    from wsi_idf.wavelet_flow import WaveletIDF
+    from wsi_idf.model.data import grid_patches, load_tiles
+    from wsi_idf.model.flow import QuantNet
+    from wsi_idf.model.training import TrainSettings, train
+    from wsi_idf.model.wavelet_flow import WaveletIDF
     tiles = load_tiles(DATA / "tiles" / "val" / "cryonuseg")
     val = grid_patches(tiles)[:4]
     ckpt, log = tmp_path / "v2.ckpt.safetensors", []

@@ -3,7 +3,7 @@ from .archive import Archive, open_archive
 from .coding import decode_patches, encode_patches, ideal_bits
 from .errors import (ArchiveError, CorruptPatchError, InvalidPatchError, SlideError, UnknownModelError,
                      WeightsMismatchError, WsiIdfError)
-from .registry import DEFAULT_MODEL, MODELS, get_model
+from .coding.registry import DEFAULT_MODEL, MODELS, get_model
 
 __version__ = "0.3.0"
 
@@ -13,6 +13,6 @@ __all__ = ["open_archive", "Archive", "pack_slide", "encode_patches", "decode_pa
 
 
 def pack_slide(*args, **kwargs):  # imported lazily: it brings in Dask
-    """Pack a slide into an archive; see :func:`wsi_idf.pack.pack_slide`."""
-    from .pack import pack_slide as _pack_slide
+    """Pack a slide into an archive; see :func:`wsi_idf.jobs.pack.pack_slide`."""
+    from .jobs.pack import pack_slide as _pack_slide
     return _pack_slide(*args, **kwargs)

@@ -36,7 +36,7 @@ EXIT_VERIFY_FAILED = 3
 
 def cmd_models(args: argparse.Namespace) -> int:
     from dataclasses import asdict
-    from .registry import DEFAULT_MODEL, MODELS, RETIRED, WEIGHTS_DIR
+    from .coding.registry import DEFAULT_MODEL, MODELS, RETIRED, WEIGHTS_DIR
     rows = [{"name": e.name, "default": e.name == DEFAULT_MODEL and e in MODELS.values(),
              "status": "registered" if e in MODELS.values() else "retired: decodes old archives only",
              "weights": e.weights, "installed": (WEIGHTS_DIR / e.weights).exists(), "config": asdict(e.config),
@@ -57,8 +57,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
-    from .coding import decode_patches, encode_patches
-    from .data import data_dir, grid_patches, load_tiles
+    from .coding.batch import decode_patches, encode_patches
+    from .model.data import data_dir, grid_patches, load_tiles
     folder = data_dir() / "tiles" / "val"
     if not folder.is_dir():
         raise WsiIdfError(f"no example tiles at {folder}: set WSI_IDF_DATA to the shared data folder")
@@ -119,7 +119,7 @@ def _storage(level: dict) -> str:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from .pack import pack_slide, partial_path
+    from .jobs.pack import pack_slide, partial_path
     try:
         s = pack_slide(args.slide, args.output, model=args.model, device=args.device, backend=args.backend,
                        shard=args.shard, zarr_format=args.zarr_format, drop_label=args.drop_label,
@@ -148,7 +148,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .errors import VerificationError
-    from .verify import verify_archive
+    from .jobs.verify import verify_archive
     try:
         s = verify_archive(args.archive, source=args.source, backend=args.backend, scheduler=args.scheduler,
                            workers=args.workers, progress=not args.quiet)
@@ -164,14 +164,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_unpack(args: argparse.Namespace) -> int:
-    from .export import unpack_archive
+    from .archive.unpack import unpack_archive
     s = unpack_archive(args.archive, args.output, overwrite=args.overwrite, progress=not args.quiet)
     _emit(args, s, f"{s['archive']} -> {s['tiff']}: {s['levels']} level(s), {_mb(s['bytes'])}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .export import archive_info
+    from .archive.unpack import archive_info
     s = archive_info(args.archive)
     src = s["source"]
     lines = [f"archive   {s['archive']} (Zarr v{s['zarr_format']}, wsi-idf {s['wsi_idf_version']})",
@@ -194,7 +194,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_region(args: argparse.Namespace) -> int:
-    from .export import write_region
+    from .archive.unpack import write_region
     s = write_region(args.archive, args.output, args.level, args.x, args.y, args.width, args.height, args.levels,
                      overwrite=args.overwrite)
     preview = f" (preview from {args.levels} flow level(s), {s['bytes_read']:,} bytes read)" if args.levels else ""
@@ -204,8 +204,8 @@ def cmd_region(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
-    from .data import data_dir
-    from .training import TrainSettings, train_model
+    from .model.data import data_dir
+    from .model.training import TrainSettings, train_model
     data = args.data or [data_dir() / "tiles" / "train"]
     val = args.val or ([data_dir() / "tiles" / "val"] if not args.data else None)
     if args.threads:
@@ -221,7 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise WsiIdfError(str(exc)) from exc
     _emit(args, s, f"exported {s['model']}: validation {s['val_coded_bpsp']} bits per sub-pixel written "
                    f"(float model {s['val_float_bpsp']}), exact round trip on {s['val_patches']} patches; "
-                   f"to ship it, add it to MODELS in wsi_idf/registry.py and copy it to wsi_idf/weights/")
+                   f"to ship it, add it to MODELS in wsi_idf/coding/registry.py and copy it to wsi_idf/weights/")
     return 0
 
 

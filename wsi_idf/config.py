@@ -36,7 +36,7 @@ PROB_BITS = 24
 
 @dataclass(frozen=True)
 class IDFConfig:
-    """Shape of an Integer Discrete Flow. Registered by name in ``wsi_idf.registry``."""
+    """Shape of an Integer Discrete Flow. Registered by name in ``wsi_idf.coding.registry``."""
 
     levels: int = 3
     steps: int = 4  # coupling steps per level

@@ -223,7 +223,7 @@ class TiffSlide(Slide):
         return series.pages[0] if len(series.pages) == 1 else None
 
     def source_segments(self, level: int | str) -> SourceSegments | None:
-        from .source_tiles import MAX_TILE, page_coding
+        from .storage.source_tiles import MAX_TILE, page_coding
         page = self._page(level)
         if page is None or page.is_tiled and page.imagedepth > 1:
             return None

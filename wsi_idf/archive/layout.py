@@ -9,10 +9,10 @@
       associated/label ... label, macro, thumbnail as (h, w, 3) uint8 in zstd
 
 With ``zarr_format=2`` the same tree is written in Zarr v2 (OME-NGFF 0.4): no sharding, one
-file per 80x80 chunk (what differs between the two lives in ``wsi_idf.zarr_formats``). The root
+file per 80x80 chunk (what differs between the two lives in ``wsi_idf.storage.zarr_formats``). The root
 metadata is written last, so an unfinished archive is never a valid image, and the whole tree is
 renamed into place only when complete. This module also checks an archive's metadata (archives
-are shared and not trusted) and opens it; ``wsi_idf.reader`` reads its levels.
+are shared and not trusted) and opens it; ``wsi_idf.archive.reader`` reads its levels.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import CHANNELS, PATCH
-from .errors import ArchiveError, DamagedArchiveError, WsiIdfError
-from .zarr_formats import FORMATS, detect
+from ..config import CHANNELS, PATCH
+from ..errors import ArchiveError, DamagedArchiveError, WsiIdfError
+from ..storage.zarr_formats import FORMATS, detect
 
 ARCHIVE_FORMAT = 2  # 2: patches bound to their positions (patch format 3); 1: wsi-idf 0.1-0.2
 READABLE_FORMATS = (1, 2)
@@ -108,8 +108,8 @@ def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
     """Every field wsi-idf's readers use has its type and range, and every level lives where
     the OME-NGFF multiscales say: readers and viewers follow those paths, so they must be the
     canonical ``"0"``, ``"1"``... that verify checks. Archives are shared: nothing here is trusted."""
-    from .registry import check_model_name
-    from .errors import WsiIdfError
+    from ..coding.registry import check_model_name
+    from ..errors import WsiIdfError
     meta = _dict(path, "wsi_idf", attrs.get("wsi_idf"))
     model = _dict(path, "model", meta.get("model"))
     try:
@@ -258,7 +258,7 @@ def read_small_array(folder: Path, zarr_format: int) -> np.ndarray:
     """A preview level or associated image, each chunk decompressed into a buffer of exactly its
     size: a zstd bomb raises instead of filling memory (plain zarr does not bound this)."""
     from numcodecs import Zstd
-    from .source_tiles import decode_chunk
+    from ..storage.source_tiles import decode_chunk
     shape, chunks, kept = check_small_array(folder, zarr_format)
     out = np.empty(shape, dtype=np.uint8)
     grid = [range(0, n, c) for n, c in zip(shape, chunks)]
@@ -329,7 +329,7 @@ class Archive:
         return self.reader(level).region(x, y, width, height, levels)[0]
 
     def reader(self, level: int):
-        """wsi-idf's checked reader of one level (``wsi_idf.reader.LevelReader``)."""
+        """wsi-idf's checked reader of one level (``wsi_idf.archive.reader.LevelReader``)."""
         if not isinstance(level, int) or not 0 <= level < len(self.readers):
             raise ArchiveError(f"level {level} does not exist; the archive has levels 0..{len(self.readers) - 1}")
         return self.readers[level]
@@ -359,9 +359,9 @@ def open_archive(path: str | Path) -> Archive:
     """Open a finished archive read-only, after checking its metadata against its arrays. Each level
     is a Dask array read through wsi-idf's checked reader."""
     import dask.array as da
-    from .errors import WsiIdfError
+    from ..errors import WsiIdfError
     from .reader import LevelReader
-    from .registry import get_model
+    from ..coding.registry import get_model
     path = Path(path)
     attrs, fmt = read_attributes(path)
     meta = attrs["wsi_idf"]

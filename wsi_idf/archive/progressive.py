@@ -2,7 +2,7 @@
 
 Version 2 and 3 patches store one rANS stream per flow level, coarsest first, so the first bytes
 of each chunk decode the coarse levels alone (version 3 checks each of those streams' CRC32C).
-The archive's checked reader (``wsi_idf.reader``) uses the shard index to read, for every patch a
+The archive's checked reader (``wsi_idf.archive.reader``) uses the shard index to read, for every patch a
 region touches, only the head of its chunk and the prefix that ``levels`` needs: fewer bytes from
 disk (or object storage) and less decoding. Deflate, raw and version 1 patches are read whole
 and decode exactly.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .archive import open_archive
+from .layout import open_archive
 
 
 def read_region(path: str | Path, level: int, x: int, y: int, width: int, height: int,

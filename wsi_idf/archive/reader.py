@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import patch_format as fmt
-from .config import CHANNELS, PATCH
-from .errors import ArchiveError, CorruptPatchError, WeightsMismatchError
-from .model_file import CodingModel
-from .shards import ShardIndex
-from .zarr_formats import FORMATS, ZarrFormat
+from ..coding import patch_format as fmt
+from ..config import CHANNELS, PATCH
+from ..errors import ArchiveError, CorruptPatchError, WeightsMismatchError
+from ..coding.model_file import CodingModel
+from ..storage.shards import ShardIndex
+from ..storage.zarr_formats import FORMATS, ZarrFormat
 
 HEAD = 64  # bytes that always hold a patch's header and stream table
 MAX_PATCH_BYTES = fmt.RAW_BYTES + fmt.HEADER.size + fmt.POSITION.size  # the encoder never writes more
@@ -58,7 +58,7 @@ class LevelReader:
     def max_chunk_bytes(self) -> int:
         """No stored chunk is larger: the IDF encoder never exceeds raw + header; a kept JPEG or
         JPEG 2000 tile is taken to be at most twice its raw pixels."""
-        from .source_tiles import max_chunk_bytes
+        from ..storage.source_tiles import max_chunk_bytes
         return MAX_PATCH_BYTES if self.storage == "idf" else max_chunk_bytes(self.chunk, self.chunk)
 
     @property
@@ -73,7 +73,7 @@ class LevelReader:
                levels: int | None = None) -> tuple[np.ndarray, int]:
         """Pixels of a region as (height, width, 3) uint8 and the bytes read from chunk files.
         ``levels`` below the model's decodes a preview from the coarse flow levels' bytes only."""
-        from .coding import check_levels
+        from ..coding.batch import check_levels
         check_region(self.level, x, y, width, height, self.width, self.height)
         check_levels(levels, self.model)
         side = self.chunk
@@ -94,11 +94,11 @@ class LevelReader:
     def decode(self, blobs: list[bytes], cells: list[tuple[int, int]], levels: int | None = None) -> np.ndarray:
         """Decode chunks found at ``cells`` with the archive's weights; damage raises ``CorruptPatchError``
         naming the patch's level and pixel position."""
-        from .coding import decode_patches
+        from ..coding.batch import decode_patches
         positions = [(self.level, r, c) for r, c in cells] if self.bound else None
         try:
             if self.storage == "source":
-                from .source_tiles import decode_chunk
+                from ..storage.source_tiles import decode_chunk
                 shape = (CHANNELS, self.chunk, self.chunk)
                 out = np.empty((len(blobs), *shape), dtype=np.uint8)
                 for i, (blob, (r, c)) in enumerate(zip(blobs, cells)):
@@ -192,7 +192,7 @@ def _read(f, offset: int, size: int, counter: list[int]) -> bytes:
 
 def _chunk_prefix(f, offset: int, nbytes: int, levels: int | None, counter: list[int]) -> bytes:
     """A chunk's bytes, or with ``levels`` only the prefix a preview of that many flow levels needs."""
-    from .coding import preview_prefix
+    from ..coding.batch import preview_prefix
     if levels is None:
         return _read(f, offset, nbytes, counter)
     head = _read(f, offset, min(nbytes, HEAD), counter)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .archive import Archive, open_archive
-from .errors import ArchiveError
-from .outputs import SOFTWARE, check_output
+from .layout import Archive, open_archive
+from ..errors import ArchiveError
+from ..outputs import SOFTWARE, check_output
 
 TIFF_TILE = 256
 STRIP = 1280  # rows decoded at once: a multiple of both the TIFF tile and the 80-pixel patch
@@ -116,8 +116,8 @@ def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, 
 
 def archive_info(path: str | Path) -> dict:
     """What an archive holds: source and provenance, levels, model, sizes, physical pixel size."""
-    from .archive import archive_sizes
-    from .pack import LOSSY_COMPRESSIONS
+    from .layout import archive_sizes
+    from ..jobs.pack import LOSSY_COMPRESSIONS
     archive = open_archive(path)
     meta = archive.metadata
     sizes = archive_sizes(archive.path, meta)

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from . import patch_format as fmt
-from .config import CHANNELS, PATCH
+from ..config import CHANNELS, PATCH
 from .entropy import LATENT_RANGE, pop, push
-from .errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
+from ..errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
 from .model_file import CodingModel
 from .registry import get_model
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import constriction
 import numpy as np
 
-from .config import ESCAPE_BITS, PROB_BITS
+from ..config import ESCAPE_BITS, PROB_BITS
 
 _ESCAPE_MODEL = constriction.stream.model.Uniform(2**ESCAPE_BITS)
 _ESCAPE_OFFSET = 2 ** (ESCAPE_BITS - 1)

@@ -1,4 +1,4 @@
-"""The exact integer coding model: the same flow as ``wsi_idf.flow`` in integer arithmetic.
+"""The exact integer coding model: the same flow as ``wsi_idf.model.flow`` in integer arithmetic.
 
 Every quantity is an integer, carried in float32 only where every value and every partial
 sum is an integer below 2**24 in magnitude (bounded per layer by max|input| * sum|w| + |bias|),
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, PATCH, IDFConfig
+from ..config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, PATCH, IDFConfig
 
 EXACT_FLOAT32 = 2**24
 

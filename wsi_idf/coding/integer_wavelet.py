@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import lifting
-from .config import CHANNELS, WaveletConfig
+from ..config import CHANNELS, WaveletConfig
 from .integer_flow import ExactFlow, IntNet, SplitParams, exact_kernels, params_from_output
 from .lifting import anchor_mask
 

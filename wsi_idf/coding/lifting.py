@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import CHANNELS
+from ..config import CHANNELS
 
 Floor = Callable[[torch.Tensor], torch.Tensor]
 # (source phases, target phases, axis, kind): target phase k is predicted/updated from source phase k

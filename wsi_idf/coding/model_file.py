@@ -4,7 +4,7 @@ A model file is safetensors (never pickle: loading must not run code). It holds 
 integer coding model, the prior tables, the channel permutations and, under ``float.``,
 the float weights for fine-tuning. The file name carries the first 8 hex digits of its
 sha256, checked on every load (as CompressAI does). Writing one from a trained float model
-is ``wsi_idf.model_export``; decoding never imports the float (training) models.
+is ``wsi_idf.model.export``; decoding never imports the float (training) models.
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .digests import file_sha256
-from .config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, IDFConfig, WaveletConfig
+from ..digests import file_sha256
+from ..config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, IDFConfig, WaveletConfig
 from .entropy import TableModels
-from .errors import WeightsMismatchError, WsiIdfError
+from ..errors import WeightsMismatchError, WsiIdfError
 from .integer_flow import IntConv, IntegerIDF, IntNet
 from .integer_wavelet import IntegerWaveletIDF
 from .lifting import LIFTING_STEPS

@@ -35,8 +35,8 @@ from enum import IntEnum
 import google_crc32c
 import numpy as np
 
-from .config import CHANNELS, PATCH
-from .errors import CorruptPatchError
+from ..config import CHANNELS, PATCH
+from ..errors import CorruptPatchError
 
 MAGIC = b"WI"
 FORMAT_VERSION = 3  # written; every version in READABLE_VERSIONS is read
@@ -52,7 +52,7 @@ class Mode(IntEnum):
     RAW = 0
     IDF = 1
     DEFLATE = 2
-    SOURCE = 3  # version 3: a slide's own compressed tile, kept (``wsi_idf.source_tiles``)
+    SOURCE = 3  # version 3: a slide's own compressed tile, kept (``wsi_idf.storage.source_tiles``)
 
 
 Position = tuple[int, int, int]  # (pyramid level, chunk row, chunk column)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .config import IDFConfig, WaveletConfig
-from .errors import UnknownModelError, WeightsMismatchError, WsiIdfError
+from ..config import IDFConfig, WaveletConfig
+from ..errors import UnknownModelError, WeightsMismatchError, WsiIdfError
 from .model_file import CodingModel, check_model_path, load_coding_model
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def default_device(device: str | torch.device | None) -> torch.device:
 
 def model_sha256(name: str | None) -> str:
     """The sha256 of a registered model's file, without loading the model (e.g. in a job's client)."""
-    from .digests import file_sha256
+    from ..digests import file_sha256
     path = weights_file(name)
     check_model_path(path)
     return file_sha256(path)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ClusterError
+from ..errors import ClusterError
 
 log = logging.getLogger("wsi_idf")
 

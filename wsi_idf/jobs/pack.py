@@ -17,17 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .archive import ARCHIVE_FORMAT, PREVIEW_MAX, PREVIEW_MIN, archive_sizes, ome_multiscale
-from .zarr_formats import FORMATS, write_atomic
+from .. import __version__
+from ..archive.layout import ARCHIVE_FORMAT, PREVIEW_MAX, PREVIEW_MIN, archive_sizes, ome_multiscale
+from ..storage.zarr_formats import FORMATS, write_atomic
 from .cluster import Runner, runner, set_torch_threads
-from .config import PATCH
-from .errors import ArchiveError, SlideError, WsiIdfError
-from .outputs import PLAN_FILE, check_output, is_unfinished_pack, output_lock
-from .registry import default_device, entry, get_model, model_sha256, require_device
-from .digests import file_sha256, level_checksum, region_digest
-from .shards import DEFAULT_SHARD, ShardBox, build_shard, cut_patches, shard_boxes
-from .slide import Slide, SlideRef, cached_slide, level_as_dask, open_slide
+from ..config import PATCH
+from ..errors import ArchiveError, SlideError, WsiIdfError
+from ..outputs import PLAN_FILE, check_output, is_unfinished_pack, output_lock
+from ..coding.registry import default_device, entry, get_model, model_sha256, require_device
+from ..digests import file_sha256, level_checksum, region_digest
+from ..storage.shards import DEFAULT_SHARD, ShardBox, build_shard, cut_patches, shard_boxes
+from ..slide import Slide, SlideRef, cached_slide, level_as_dask, open_slide
 
 log = logging.getLogger("wsi_idf")
 
@@ -94,7 +94,7 @@ def record_path(root: Path, box: ShardBox) -> Path:
 
 def encode_shard(box: ShardBox, job: ShardJob) -> dict:
     """Task: read one shard's region from the source, encode its patches in one batch, write it whole."""
-    from .coding import encode_patches
+    from ..coding.batch import encode_patches
     layout = job.layouts[box.level]
     if layout.storage == "source":
         return keep_source_shard(box, job, layout)
@@ -127,7 +127,7 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
 def keep_source_shard(box: ShardBox, job: ShardJob, layout: LevelLayout) -> dict:
     """Task: one shard of a ``source`` level: the source's own tiles, kept bit-exactly (JPEG
     recompressed with JPEG XL), each checked by decoding it as tifffile does."""
-    from .source_tiles import Layout, encode_segment, max_chunk_bytes
+    from ..storage.source_tiles import Layout, encode_segment, max_chunk_bytes
     t0 = time.perf_counter()
     slide = cached_slide(job.slide)
     segments = slide.source_segments(box.level)
@@ -240,8 +240,8 @@ def write_associated(root: Path, slide: Slide, drop_label: bool, zarr_format: in
 
 def write_associated_source(folder: Path, slide: Slide, name: str, model: str, weights: str | None) -> None:
     import zarr
-    from .source_tiles import Layout, encode_pixels, encode_segment
-    from .zarr_codec import WsiIdfCodec
+    from ..storage.source_tiles import Layout, encode_pixels, encode_segment
+    from ..storage.zarr_codec import WsiIdfCodec
     image = slide.associated(name)
     h, w, _ = image.shape
     segments = slide.source_segments(name)

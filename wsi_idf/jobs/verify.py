@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .archive import open_archive
+from ..archive.layout import open_archive
 from .cluster import runner, set_torch_threads
-from .errors import CorruptPatchError, DamagedArchiveError, VerificationError, WsiIdfError
-from .digests import level_checksum, region_digest
-from .shards import ShardBox, shard_boxes
-from .slide import SlideRef, cached_slide, open_slide
-from .zarr_formats import FORMATS
+from ..errors import CorruptPatchError, DamagedArchiveError, VerificationError, WsiIdfError
+from ..digests import level_checksum, region_digest
+from ..storage.shards import ShardBox, shard_boxes
+from ..slide import SlideRef, cached_slide, open_slide
+from ..storage.zarr_formats import FORMATS
 
 _archives: dict[str, object] = {}
 _archives_lock = threading.Lock()
@@ -100,7 +100,7 @@ def stored_files(folder: Path, depth: int) -> int:
 def check_stored_count(archive, level: int, lv: dict) -> None:
     """Before listing a level's shards, refuse one whose metadata claims far more than are stored
     (a forged 10^6 x 10^6 level must not make verify build millions of tasks)."""
-    from .config import PATCH
+    from ..config import PATCH
     fmt = FORMATS[archive.zarr_format]
     side = lv["shard"] if fmt.sharded else PATCH  # one file per shard (v3) or per chunk (v2)
     expected = -(-lv["height"] // side) * -(-lv["width"] // side)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import PATCH
+from ..config import PATCH
 
 TILE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 
@@ -14,7 +14,7 @@ TILE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 def data_dir() -> Path:
     """``$WSI_IDF_DATA``, else ``../shared/data`` beside the repository."""
     env = os.environ.get("WSI_IDF_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def read_rgb(path: str | Path) -> np.ndarray | None:

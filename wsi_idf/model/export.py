@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from .config import NUM_SCALES, T_MAX, IDFConfig, WaveletConfig
-from .digests import file_sha256
+from ..config import NUM_SCALES, T_MAX, IDFConfig, WaveletConfig
+from ..digests import file_sha256
 from .flow import IDF, QuantConv, QuantNet
-from .model_file import (FILE_FORMAT, FILE_FORMAT_WAVELET, LATENT_LIMIT, _config, _read, check_model_path,
+from ..coding.model_file import (FILE_FORMAT, FILE_FORMAT_WAVELET, LATENT_LIMIT, _config, _read, check_model_path,
                          verify_file_hash)
 from .tables import split_table, top_table
 from .wavelet_flow import HIGH_CHANNELS, STEP_CHANNELS, WaveletIDF

@@ -3,7 +3,7 @@
 Every network already sees what the integer coding model will compute: int8 weights
 (per output channel), activations clamped to [0, ACT_MAX] and quantized to
 ACT_LEVELS steps, integer translations. Gradients pass the roundings straight
-through. ``wsi_idf.model_export.export_model`` turns a trained model into the exact integer model.
+through. ``wsi_idf.model.export.export_model`` turns a trained model into the exact integer model.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import (ACT_LEVELS, ACT_MAX, CHANNELS, IN_DIV, IN_MAX, IN_MIN, LOG_SCALE_STEP, MEAN_STEPS, NUM_SCALES,
+from ..config import (ACT_LEVELS, ACT_MAX, CHANNELS, IN_DIV, IN_MAX, IN_MIN, LOG_SCALE_STEP, MEAN_STEPS, NUM_SCALES,
                      PATCH, SCALE_MIN, T_MAX, TOP_MIXTURES, WEIGHT_LEVELS, IDFConfig)
 
 LN2 = math.log(2.0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import (LOG_SCALE_STEP, MEAN_STEPS, NUM_SCALES, PROB_BITS, SCALE_MIN, SPLIT_WINDOW, TOP_WINDOW)
+from ..config import (LOG_SCALE_STEP, MEAN_STEPS, NUM_SCALES, PROB_BITS, SCALE_MIN, SPLIT_WINDOW, TOP_WINDOW)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Training of the float IDF on real tiles, with resumable safetensors checkpoints.
 
-The coding model is derived afterwards by ``wsi_idf.model_export.export_model``.
+The coding model is derived afterwards by ``wsi_idf.model.export.export_model``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .data import random_crops
 
-logger = logging.getLogger("wsi_idf.training")
+logger = logging.getLogger("wsi_idf.model.training")
 
 
 @dataclass
@@ -59,13 +59,13 @@ class SlideCrops:
     """Random 80x80 crops from the level 0 of slide files (weighted by area), flipped and rotated."""
 
     def __init__(self, paths: list[Path]):
-        from .slide import open_slide
+        from ..slide import open_slide
         self.slides = [open_slide(p) for p in paths]
         sizes = np.array([s.levels[0].width * s.levels[0].height for s in self.slides], dtype=np.float64)
         self.p = sizes / sizes.sum()
 
     def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
-        from .config import PATCH
+        from ..config import PATCH
         out = np.empty((count, 3, PATCH, PATCH), dtype=np.uint8)
         for i, k in enumerate(rng.choice(len(self.slides), size=count, p=self.p)):
             slide = self.slides[k]
@@ -298,11 +298,11 @@ def train_model(name: str, data: list[Path], out: Path, val: list[Path] | None =
     with the float NLL and the bits the coding model actually writes. The exported weights are the
     EMA with the best validation NLL seen (``export=False`` only trains and checkpoints).
     """
-    from .coding import decode_patches, encode_patches
+    from ..coding.batch import decode_patches, encode_patches
     from .data import grid_patches
-    from .model_export import export_model, load_float_model, new_float_model
-    from .model_file import load_coding_model
-    from .registry import MODELS, entry
+    from .export import export_model, load_float_model, new_float_model
+    from ..coding.model_file import load_coding_model
+    from ..coding.registry import MODELS, entry
     settings = settings or TrainSettings()
     config = entry(name).config if name in MODELS or init_from is None else None
     tiles, slides = find_training_data(list(data))

@@ -1,7 +1,7 @@
 """Model v2, the float training model: a flow that starts as the integer 5/3 wavelet in YCoCg-R.
 
 Per level, the four 5/3 lifting steps are additive couplings whose translation is the fixed
-dyadic term (``wsi_idf.lifting``) plus the rounded output of a small residual network,
+dyadic term (``wsi_idf.coding.lifting``) plus the rounded output of a small residual network,
 zero-initialized: at step 0 the flow IS the reversible wavelet transform of JPEG 2000, and
 training only learns improvements over it (``../shared/notes/wavelet-flow.md``). The three
 high bands of each level are factored out under a discretized logistic whose mean and scale
@@ -18,9 +18,9 @@ import math
 import torch
 from torch import nn
 
-from . import lifting
-from .lifting import anchor_mask
-from .config import CHANNELS, LOG_SCALE_STEP, SCALE_MIN, T_MAX, WaveletConfig
+from ..coding import lifting
+from ..coding.lifting import anchor_mask
+from ..config import CHANNELS, LOG_SCALE_STEP, SCALE_MIN, T_MAX, WaveletConfig
 from .flow import LN2, QuantNet, TopPrior, logistic_logp, round_ste, split_prior_units, split_scale
 
 HIGH_CHANNELS = 3 * CHANNELS  # the HL, LH, HH bands of the 3 colour channels

@@ -9,13 +9,13 @@ import numpy as np
 from numcodecs.abc import Codec
 from numcodecs.compat import ensure_contiguous_ndarray, ndarray_copy
 
-from .coding import decode_patches, encode_patches
-from .config import CHANNELS, PATCH
-from .errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
-from .model_file import CodingModel
-from . import patch_format as fmt
-from .patch_format import RAW_BYTES
-from .registry import DEFAULT_MODEL, check_model_name, check_weights_id, get_model
+from ..coding.batch import decode_patches, encode_patches
+from ..config import CHANNELS, PATCH
+from ..errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
+from ..coding.model_file import CodingModel
+from ..coding import patch_format as fmt
+from ..coding.patch_format import RAW_BYTES
+from ..coding.registry import DEFAULT_MODEL, check_model_name, check_weights_id, get_model
 
 
 class WsiIdf(Codec):

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import google_crc32c
 import numpy as np
 
-from .config import CHANNELS, PATCH
-from .errors import ArchiveError
+from ..config import CHANNELS, PATCH
+from ..errors import ArchiveError
 
 EMPTY = np.uint64(2**64 - 1)
 DEFAULT_SHARD = 1280  # 16 x 16 patches: one encode batch of 256 patches, ~5 MB of raw pixels

@@ -23,8 +23,8 @@ from enum import IntEnum
 
 import numpy as np
 
-from . import patch_format as fmt
-from .errors import CorruptPatchError
+from ..coding import patch_format as fmt
+from ..errors import CorruptPatchError
 
 SOURCE_HEADER = struct.Struct("<BBBB")  # kind, colorspace, outcolorspace (255: None), layout
 NO_ID = b"\0\0\0\0"  # source chunks use no model

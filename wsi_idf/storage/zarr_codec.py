@@ -19,10 +19,10 @@ from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.buffer import Buffer, NDBuffer
 from zarr.core.common import JSON, parse_named_configuration
 
-from .codec import WsiIdf
-from .config import CHANNELS, PATCH
-from .errors import InvalidPatchError
-from .registry import DEFAULT_MODEL
+from .numcodecs_codec import WsiIdf
+from ..config import CHANNELS, PATCH
+from ..errors import InvalidPatchError
+from ..coding.registry import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from typing import Self

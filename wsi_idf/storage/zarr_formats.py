@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import CHANNELS, PATCH
+from ..config import CHANNELS, PATCH
 
 STANDARD_CHUNK = 512
 ZSTD_LEVEL = 19
@@ -95,7 +95,7 @@ class ZarrFormat:
             from .zarr_codec import WsiIdfCodec
             return dict(common, shards=(CHANNELS, shard, shard), serializer=WsiIdfCodec(model=model, weights=weights),
                         compressors=None, dimension_names=("c", "y", "x"))
-        from .codec import WsiIdf
+        from .numcodecs_codec import WsiIdf
         return dict(common, compressors=WsiIdf(model=model, weights=weights), filters=None,
                     chunk_key_encoding={"name": "v2", "separator": "/"})
 
