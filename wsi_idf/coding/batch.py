@@ -1,4 +1,4 @@
-"""Batch encode/decode of 80x80 RGB patches: the integer IDF, rANS, and the patch format.
+"""Batch encode/decode of 80x80 RGB patches: the public coding API over the integer flow and its streams.
 
 These produce exactly the bytes the Zarr codecs store; pipelines call them with large
 batches (one shard at a time) so the network runs batched on CPU or GPU.
@@ -9,14 +9,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import constriction
 import numpy as np
 import torch
 
 from . import patch_format as fmt
 from ..config import CHANNELS, PATCH
-from .entropy import LATENT_RANGE, pop, push
 from ..errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
+from .latent_streams import LatentStreams
 from .model_file import CodingModel
 from .registry import get_model
 
@@ -31,40 +30,6 @@ def check_patches(patches: np.ndarray) -> np.ndarray:
     if patches.ndim != 4 or patches.shape[1:] != (CHANNELS, PATCH, PATCH):
         raise InvalidPatchError(f"patches must have shape (N, {CHANNELS}, {PATCH}, {PATCH}), got {patches.shape}")
     return np.ascontiguousarray(patches)
-
-
-def _top_priors(model: CodingModel, top_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    channels, size = top_shape[0], int(np.prod(top_shape[1:]))
-    rows = np.repeat(np.arange(channels), size)
-    return rows, model.top_centre[rows]
-
-
-def _idf_payload(model: CodingModel, outs, priors, top: np.ndarray, i: int,
-                 top_priors: tuple[np.ndarray, np.ndarray]) -> bytes | None:
-    """A version 2 (progressive) payload: one rANS stream per level, the top latents first.
-
-    None when a latent leaves the range escapes can hold (only adversarial content gets there):
-    the patch is then stored plain.
-    """
-    if any(np.abs(a[i]).max() > LATENT_RANGE for a in (top, *outs)):
-        return None
-    split_tables, top_tables = model.tables
-    coder = constriction.stream.stack.AnsCoder()
-    push(coder, top_tables, top[i].ravel(), *top_priors)
-    streams = [coder.get_compressed()]
-    for level in reversed(range(len(outs))):  # the coarsest split first
-        coder = constriction.stream.stack.AnsCoder()
-        values, rows, centres = outs[level][i].ravel(), priors[level][0][i].ravel(), priors[level][1][i].ravel()
-        for mask in reversed(model.flow.pass_masks(outs[level].shape[1:])):  # a stack: the last pass first
-            push(coder, split_tables, values[mask], rows[mask], centres[mask])
-        streams.append(coder.get_compressed())
-    return fmt.pack_streams(streams)
-
-
-def _latents(model: CodingModel, x: np.ndarray):
-    outs, priors, top = model.flow.forward(torch.from_numpy(x))
-    ints = lambda t: t.cpu().numpy().astype(np.int64)  # exact: the flow computes integers
-    return [ints(o) for o in outs], [(ints(p.rows), ints(p.centres)) for p in priors], ints(top)
 
 
 def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int = 64,
@@ -84,19 +49,19 @@ def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int 
         raise InvalidPatchError(f"{len(positions)} positions for {len(patches)} patches")
     places = [fmt.position_bytes(None if positions is None else tuple(positions[i])) for i in range(len(patches))]
     coding_model = get_model(model, device)
+    streams = LatentStreams(coding_model)
     blobs: list[bytes] = []
     timings = timings if timings is not None else {}
     for start in range(0, len(patches), max(1, batch_size)):
         batch = patches[start:start + batch_size]
         t0 = time.perf_counter()
-        outs, priors, top = _latents(coding_model, batch)
+        latents = streams.latents(batch)
         t1 = time.perf_counter()
         timings["model_s"] = timings.get("model_s", 0.0) + t1 - t0
-        top_priors = _top_priors(coding_model, top.shape[1:])  # the same for every patch
         for i, patch in enumerate(batch):
             place = places[start + i]
             crc = fmt.pixel_checksum(patch, place)
-            payload = _idf_payload(coding_model, outs, priors, top, i, top_priors)
+            payload = streams.encode(latents, i)
             # deflate costs ~0.4 ms a patch and wins on flat or synthetic content
             plain = fmt.encode_plain(patch, coding_model.weights_id, crc, place)
             blobs.append(plain if payload is None else
@@ -108,91 +73,9 @@ def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int 
 def ideal_bits(patches: np.ndarray, model: ModelArg = None, device: str | torch.device | None = "cpu") -> np.ndarray:
     """Per patch, the integer model's NLL in bits: what an ideal entropy coder would write."""
     patches = check_patches(patches)
-    coding_model = get_model(model, device)
-    split_tables, top_tables = coding_model.tables
-    outs, priors, top = _latents(coding_model, patches)
-    rows, centres = _top_priors(coding_model, top.shape[1:])
-    bits = np.zeros(len(patches))
-    for i in range(len(patches)):
-        bits[i] = top_tables.ideal_bits(top[i].ravel(), rows, centres) + sum(
-            split_tables.ideal_bits(out[i].ravel(), p[0][i].ravel(), p[1][i].ravel()) for out, p in zip(outs, priors))
-    return bits
-
-
-def _stream_coders(payload: memoryview, version: int, streams: int, needed: int) -> list:
-    """One rANS coder per level to pop from: version 1 shares one stack, version 2 has one each."""
-    if version == 1:
-        if len(payload) % 4 or not len(payload):
-            raise ValueError(f"payload of {len(payload)} bytes is not a whole number of rANS words")
-        coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
-        return [coder] * streams
-    return [constriction.stream.stack.AnsCoder(words)
-            for words in fmt.unpack_streams(payload, streams, needed, version)]
-
-
-def _decode_idf(model: CodingModel, payloads: list[memoryview], versions: list[int],
-                levels: int | None = None) -> tuple[np.ndarray, dict[int, str]]:
-    """Decode IDF payloads in one batch; return pixels and {index: error} for damaged ones.
-
-    With ``levels`` below the model's, only the top latents and the coarsest ``levels - 1`` splits
-    are decoded; the finer latents are set to their prior's most likely value (a preview).
-    """
-    split_tables, top_tables = model.tables
-    cfg, flow = model.config, model.flow
-    needed = cfg.levels if levels is None else max(1, min(levels, cfg.levels))
-    errors: dict[int, str] = {}
-    coders = []
-    for i, (payload, version) in enumerate(zip(payloads, versions)):
-        try:
-            coders.append(_stream_coders(payload, version, cfg.levels, needed))
-        except Exception as exc:  # constriction rejects some malformed streams outright
-            errors[i] = str(exc) if isinstance(exc, CorruptPatchError) else f"rANS stream is damaged ({exc})"
-            coders.append(None)
-
-    def pop_all(stream: int, tables, rows, centres, shape) -> np.ndarray:
-        values = np.zeros((len(coders), rows.shape[-1]), dtype=np.int64)
-        for i, patch_coders in enumerate(coders):
-            if i in errors:
-                continue
-            try:
-                values[i] = pop(patch_coders[stream], tables, rows[i], centres[i])
-            except Exception as exc:
-                errors[i] = f"rANS stream is damaged ({exc})"
-        return values.reshape(shape)
-
-    top_shape = flow.top_shape
-    rows, centres = (np.broadcast_to(a, (len(coders), a.size)) for a in _top_priors(model, top_shape))
-    floats = lambda a: torch.from_numpy(a.astype(np.float32)).to(flow.device)  # exact: |latents| <= 2**15
-    ints = lambda t: t.reshape(len(coders), -1).cpu().numpy().astype(np.int64)
-    z = floats(pop_all(0, top_tables, rows, centres, (len(coders), *top_shape)))
-    stream = 1
-    for level in reversed(range(cfg.levels)):
-        exact = True
-        if level < cfg.levels - 1:
-            exact = stream < needed
-            params = flow.split_params_for(level, z)
-            shape = tuple(params.rows.shape)
-            out = np.zeros((len(coders), int(np.prod(shape[1:]))), dtype=np.int64)
-            for k, mask in enumerate(flow.pass_masks(shape[1:])):
-                if k:  # a later pass's priors see the latents of the earlier ones
-                    params = flow.split_params_for(level, z, floats(out.reshape(shape)), params)
-                rows, centres = ints(params.rows)[:, mask], ints(params.centres)[:, mask]
-                if stream < needed:
-                    out[:, mask] = pop_all(stream, split_tables, rows, centres, rows.shape)
-                else:  # not decoded: the prior's most likely value
-                    out[:, mask] = centres + split_tables.mode_offsets[rows]
-            stream += 1
-            z = torch.cat([z, floats(out.reshape(shape)).to(z.dtype)], dim=1)
-        z = flow.decode_level(level, z, exact)
-    pixels = flow.to_pixels(z).cpu().numpy().astype(np.int64)
-    if needed < cfg.levels:
-        return pixels.clip(0, 255).astype(np.uint8), errors
-    for i, patch_coders in enumerate(coders):
-        if i not in errors and not all(coder.is_empty() for coder in patch_coders):
-            errors[i] = "rANS stream has data left over after decoding: it is damaged"
-        if i not in errors and (pixels[i].min() < 0 or pixels[i].max() > 255):
-            errors[i] = "decoded values leave the pixel range: the stream is damaged"
-    return pixels.clip(0, 255).astype(np.uint8), errors
+    streams = LatentStreams(get_model(model, device))
+    latents = streams.latents(patches)
+    return np.array([streams.ideal_bits(latents, i) for i in range(len(patches))])
 
 
 def check_levels(levels: int | None, model: CodingModel) -> None:
@@ -247,10 +130,10 @@ def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: i
         check_levels(levels, coding_model)
         if levels is not None and levels < coding_model.config.levels:
             preview.update(indices)
+        streams = LatentStreams(coding_model)
         for start in range(0, len(indices), max(1, batch_size)):
             chunk = indices[start:start + batch_size]
-            pixels, errors = _decode_idf(coding_model, [payloads[i] for i in chunk],
-                                         [headers[i].version for i in chunk], levels)
+            pixels, errors = streams.decode([payloads[i] for i in chunk], [headers[i].version for i in chunk], levels)
             if errors:
                 j = min(errors)
                 raise CorruptPatchError(f"patch {chunk[j]} is damaged: {errors[j]}", index=chunk[j])

@@ -1,0 +1,149 @@
+"""A patch's latents in and out of its rANS streams: the push order and its mirror pop order, side by side.
+
+Stream layout of an IDF payload (patch format 2 and 3; version 1 shares one stack, read only):
+stream 0 holds the top latents; then one stream per split, coarsest flow level first. Within a
+split, the checkerboard passes are pushed last pass first, so they pop first pass first: a
+later pass's priors see the latents of the earlier ones. ``encode`` and ``decode`` below are
+each other's mirror and must change together (a change is a new patch format version).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import constriction
+import numpy as np
+import torch
+
+from . import patch_format as fmt
+from .entropy import LATENT_RANGE, pop, push
+from ..errors import CorruptPatchError
+from .model_file import CodingModel
+
+
+@dataclass(frozen=True)
+class Latents:
+    """A batch's latents as int64: the split latents and their priors per flow level, and the top."""
+    outs: list[np.ndarray]
+    priors: list[tuple[np.ndarray, np.ndarray]]  # (table rows, centres) per flow level
+    top: np.ndarray
+
+
+class LatentStreams:
+    """One coding model's entropy model: its tables, the stream layout, ``encode`` and ``decode``."""
+
+    def __init__(self, model: CodingModel):
+        self.model = model
+        self.split_tables, self.top_tables = model.tables
+        self.flow = model.flow
+
+    def latents(self, x: np.ndarray) -> Latents:
+        """Run the integer flow forward on uint8 patches (N, 3, 80, 80)."""
+        outs, priors, top = self.flow.forward(torch.from_numpy(x))
+        ints = lambda t: t.cpu().numpy().astype(np.int64)  # exact: the flow computes integers
+        return Latents([ints(o) for o in outs], [(ints(p.rows), ints(p.centres)) for p in priors], ints(top))
+
+    def top_priors(self, top_shape) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, centres) of the top latents: one table row per channel, the same for every patch."""
+        channels, size = top_shape[0], int(np.prod(top_shape[1:]))
+        rows = np.repeat(np.arange(channels), size)
+        return rows, self.model.top_centre[rows]
+
+    def ideal_bits(self, latents: Latents, i: int) -> float:
+        rows, centres = self.top_priors(latents.top.shape[1:])
+        return self.top_tables.ideal_bits(latents.top[i].ravel(), rows, centres) + sum(
+            self.split_tables.ideal_bits(out[i].ravel(), p[0][i].ravel(), p[1][i].ravel())
+            for out, p in zip(latents.outs, latents.priors))
+
+    # push ------------------------------------------------------------------------------------
+    def encode(self, latents: Latents, i: int) -> bytes | None:
+        """Patch ``i``'s payload, one rANS stream per stream slot; None when a latent leaves the
+        escape range (only adversarial content gets there): the patch is then stored plain."""
+        outs, priors, top = latents.outs, latents.priors, latents.top
+        if any(np.abs(a[i]).max() > LATENT_RANGE for a in (top, *outs)):
+            return None
+        coder = constriction.stream.stack.AnsCoder()
+        push(coder, self.top_tables, top[i].ravel(), *self.top_priors(top.shape[1:]))
+        streams = [coder.get_compressed()]
+        for level in reversed(range(len(outs))):  # the coarsest split first
+            coder = constriction.stream.stack.AnsCoder()
+            values, rows, centres = outs[level][i].ravel(), priors[level][0][i].ravel(), priors[level][1][i].ravel()
+            for mask in reversed(self.flow.pass_masks(outs[level].shape[1:])):  # a stack: the last pass first
+                push(coder, self.split_tables, values[mask], rows[mask], centres[mask])
+            streams.append(coder.get_compressed())
+        return fmt.pack_streams(streams)
+
+    # pop -------------------------------------------------------------------------------------
+    @staticmethod
+    def _stream_coders(payload: memoryview, version: int, streams: int, needed: int) -> list:
+        """One rANS coder per level to pop from: version 1 shares one stack, version 2 has one each."""
+        if version == 1:
+            if len(payload) % 4 or not len(payload):
+                raise ValueError(f"payload of {len(payload)} bytes is not a whole number of rANS words")
+            coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
+            return [coder] * streams
+        return [constriction.stream.stack.AnsCoder(words)
+                for words in fmt.unpack_streams(payload, streams, needed, version)]
+
+    def decode(self, payloads: list[memoryview], versions: list[int],
+               levels: int | None = None) -> tuple[np.ndarray, dict[int, str]]:
+        """Pop a batch of payloads (``encode``'s mirror); return pixels and {index: error} for damaged ones.
+
+        With ``levels`` below the model's, only the top latents and the coarsest ``levels - 1`` splits
+        are decoded; the finer latents are set to their prior's most likely value (a preview).
+        """
+        split_tables, top_tables = self.split_tables, self.top_tables
+        cfg, flow = self.model.config, self.flow
+        needed = cfg.levels if levels is None else max(1, min(levels, cfg.levels))
+        errors: dict[int, str] = {}
+        coders = []
+        for i, (payload, version) in enumerate(zip(payloads, versions)):
+            try:
+                coders.append(self._stream_coders(payload, version, cfg.levels, needed))
+            except Exception as exc:  # constriction rejects some malformed streams outright
+                errors[i] = str(exc) if isinstance(exc, CorruptPatchError) else f"rANS stream is damaged ({exc})"
+                coders.append(None)
+
+        def pop_all(stream: int, tables, rows, centres, shape) -> np.ndarray:
+            values = np.zeros((len(coders), rows.shape[-1]), dtype=np.int64)
+            for i, patch_coders in enumerate(coders):
+                if i in errors:
+                    continue
+                try:
+                    values[i] = pop(patch_coders[stream], tables, rows[i], centres[i])
+                except Exception as exc:
+                    errors[i] = f"rANS stream is damaged ({exc})"
+            return values.reshape(shape)
+
+        top_shape = flow.top_shape
+        rows, centres = (np.broadcast_to(a, (len(coders), a.size)) for a in self.top_priors(top_shape))
+        floats = lambda a: torch.from_numpy(a.astype(np.float32)).to(flow.device)  # exact: |latents| <= 2**15
+        ints = lambda t: t.reshape(len(coders), -1).cpu().numpy().astype(np.int64)
+        z = floats(pop_all(0, top_tables, rows, centres, (len(coders), *top_shape)))
+        stream = 1
+        for level in reversed(range(cfg.levels)):
+            exact = True
+            if level < cfg.levels - 1:
+                exact = stream < needed
+                params = flow.split_params_for(level, z)
+                shape = tuple(params.rows.shape)
+                out = np.zeros((len(coders), int(np.prod(shape[1:]))), dtype=np.int64)
+                for k, mask in enumerate(flow.pass_masks(shape[1:])):
+                    if k:  # a later pass's priors see the latents of the earlier ones
+                        params = flow.split_params_for(level, z, floats(out.reshape(shape)), params)
+                    rows, centres = ints(params.rows)[:, mask], ints(params.centres)[:, mask]
+                    if stream < needed:
+                        out[:, mask] = pop_all(stream, split_tables, rows, centres, rows.shape)
+                    else:  # not decoded: the prior's most likely value
+                        out[:, mask] = centres + split_tables.mode_offsets[rows]
+                stream += 1
+                z = torch.cat([z, floats(out.reshape(shape)).to(z.dtype)], dim=1)
+            z = flow.decode_level(level, z, exact)
+        pixels = flow.to_pixels(z).cpu().numpy().astype(np.int64)
+        if needed < cfg.levels:
+            return pixels.clip(0, 255).astype(np.uint8), errors
+        for i, patch_coders in enumerate(coders):
+            if i not in errors and not all(coder.is_empty() for coder in patch_coders):
+                errors[i] = "rANS stream has data left over after decoding: it is damaged"
+            if i not in errors and (pixels[i].min() < 0 or pixels[i].max() > 255):
+                errors[i] = "decoded values leave the pixel range: the stream is damaged"
+        return pixels.clip(0, 255).astype(np.uint8), errors
