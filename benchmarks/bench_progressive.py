@@ -59,7 +59,7 @@ def main() -> int:
         levels = MODELS[model].config.levels
         for k in range(1, levels + 1):
             t0 = time.perf_counter()
-            pixels, nbytes = read_region(archive, 0, 0, 0, SIDE, SIDE, levels=k)
+            pixels, nbytes = read_region(archive, 0, 0, 0, SIDE, SIDE, flow_levels=k)
             seconds = time.perf_counter() - t0
             quality = psnr(pixels, original)
             rows.append({"model": model, "levels": k, "bytes_read": nbytes, "bits_per_subpixel": 8 * nbytes / original.size,

@@ -126,8 +126,8 @@ def test_damaged_byte_in_a_preview_prefix_raises(archive):
     write_index(path, bytes(data), index)
     for levels in (1, 2):
         with pytest.raises(CorruptPatchError, match="x=0, y=0 is damaged"):
-            read_region(archive, 0, 0, 0, 80, 80, levels=levels)
-    read_region(archive, 0, 80, 0, 80, 80, levels=1)  # the neighbour is intact
+            read_region(archive, 0, 0, 0, 80, 80, flow_levels=levels)
+    read_region(archive, 0, 80, 0, 80, 80, flow_levels=1)  # the neighbour is intact
 
 
 # 4: verify reads exactly what readers and viewers read

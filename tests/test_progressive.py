@@ -10,6 +10,7 @@ import pytest
 from conftest import NO_DATA
 from slides import CMU_SVS, mosaic, pyramid, write_pyramidal_tiff
 from wsi_idf import decode_patches, encode_patches, open_archive
+from wsi_idf.errors import ArchiveError
 from wsi_idf.coding import patch_format as fmt
 from wsi_idf.cli import main
 from wsi_idf.coding.batch import preview_prefix
@@ -32,7 +33,7 @@ def cut(blobs: list[bytes], levels: int) -> list[bytes]:
 @pytest.mark.parametrize("model", ["fast", str(WEIGHTS_DIR / RETIRED[0].weights)])
 def test_previews_improve_with_levels_and_all_levels_is_lossless(val_patches, model):
     blobs = encode_patches(val_patches[:8], model=model)
-    assert all(fmt.unpack(b)[0].version == fmt.FORMAT_VERSION for b in blobs)
+    assert all(fmt.unpack(b)[0].version == fmt.PATCH_FORMAT for b in blobs)
     quality, sizes = [], []
     for k in (1, 2, 3):
         prefix = cut(blobs, k)
@@ -76,13 +77,16 @@ def test_archive_preview_reads_fewer_bytes(tmp_path, capsys):
     region = (0, 37, 45, 401, 350)
     full, full_bytes = read_region(archive, *region)
     assert np.array_equal(full, levels[0][45:395, 37:438])
-    previews = [read_region(archive, *region, levels=k) for k in (1, 2)]
+    previews = [read_region(archive, *region, flow_levels=k) for k in (1, 2)]
     assert previews[0][1] < previews[1][1] < full_bytes
     assert psnr(previews[0][0], full) < psnr(previews[1][0], full) and psnr(previews[1][0], full) > 15
-    assert np.array_equal(open_archive(archive).region(0, 37, 45, 401, 350, levels=1), previews[0][0])
+    assert np.array_equal(open_archive(archive).region(0, 37, 45, 401, 350, flow_levels=1), previews[0][0])
+    assert np.array_equal(open_archive(archive).region(0, 37, 45, 401, 350, levels=1), previews[0][0])  # 0.3's name
+    with pytest.raises(ArchiveError, match="disagree"):
+        read_region(archive, *region, flow_levels=1, levels=2)
     out = tmp_path / "preview.png"
     assert main(["region", str(archive), "--x", "37", "--y", "45", "--width", "401", "--height", "350",
-                 "--levels", "1", "-o", str(out), "--json"]) == 0
+                 "--flow-levels", "1", "-o", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["bytes_read"] == previews[0][1] and out.exists()
 

@@ -100,7 +100,7 @@ def test_region_and_unpack_of_a_source_archive(cmu, tmp_path, capsys):
     from PIL import Image
     assert np.array_equal(np.asarray(Image.open(out)), open_slide(CMU_SVS).read(0, 2000, 2500, 1000, 1700))
     # kept tiles have no flow levels: a "preview" of them is exact
-    assert np.array_equal(open_archive(cmu).region(0, 5, 6, 300, 200, levels=1),
+    assert np.array_equal(open_archive(cmu).region(0, 5, 6, 300, 200, flow_levels=1),
                           open_slide(CMU_SVS).read(0, 6, 206, 5, 305))
     assert main(["unpack", str(cmu), "-o", str(tmp_path / "u.tif"), "-q"]) == 0
     assert np.array_equal(tifffile.imread(tmp_path / "u.tif"), open_slide(CMU_SVS).read(0, 0, 2967, 0, 2220))

@@ -195,9 +195,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_region(args: argparse.Namespace) -> int:
     from .archive.unpack import write_region
-    s = write_region(args.archive, args.output, args.level, args.x, args.y, args.width, args.height, args.levels,
+    s = write_region(args.archive, args.output, args.level, args.x, args.y, args.width, args.height, args.flow_levels,
                      overwrite=args.overwrite)
-    preview = f" (preview from {args.levels} flow level(s), {s['bytes_read']:,} bytes read)" if args.levels else ""
+    preview = f" (preview from {args.flow_levels} flow level(s), {s['bytes_read']:,} bytes read)" if args.flow_levels else ""
     _emit(args, s, f"level {s['level']} x={s['x']} y={s['y']} {s['width']}x{s['height']} -> {s['out']}{preview}")
     return 0
 
@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, required=True)
     p.add_argument("-o", "--output", type=Path, required=True, help="region.png or region.tif (lossless formats only)")
     p.add_argument("--overwrite", action="store_true", help="replace a region file wsi-idf wrote earlier")
-    p.add_argument("--levels", type=int, default=None, metavar="K",
+    p.add_argument("--flow-levels", "--levels", dest="flow_levels", type=int, default=None, metavar="K",
                    help="progressive preview: read and decode only the K coarsest flow levels of each patch "
                         "(1 = top latents only; default: all, lossless)")
     p.set_defaults(func=cmd_region)

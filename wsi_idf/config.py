@@ -1,7 +1,7 @@
 """Model configurations and the fixed constants of the integer coding path.
 
 The constants here are part of the on-disk format: changing one changes what a
-stored patch decodes to, so they only change together with FORMAT_VERSION.
+stored patch decodes to, so they only change together with ``patch_format.PATCH_FORMAT``.
 """
 from __future__ import annotations
 

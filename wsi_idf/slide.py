@@ -23,6 +23,8 @@ from .errors import SlideError
 
 BACKENDS = ("auto", "tifffile", "openslide")
 ASSOCIATED_NAMES = ("label", "macro", "thumbnail")
+# TIFF compressions that were lossy at scan time: the decoded pixels are the best that exist
+LOSSY_COMPRESSIONS = frozenset({"JPEG", "OJPEG", "APERIO_JP2000_RGB", "APERIO_JP2000_YCBC", "JPEG2000", "WEBP", "JPEGXR"})
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 

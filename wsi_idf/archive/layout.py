@@ -320,13 +320,16 @@ class Archive:
         mpp = self.metadata["slide"].get("mpp")
         return tuple(mpp) if mpp else None
 
-    def region(self, level: int, x: int, y: int, width: int, height: int, levels: int | None = None) -> np.ndarray:
-        """Pixels of one region as (height, width, 3) uint8; decodes only the patches it touches.
+    def region(self, level: int, x: int, y: int, width: int, height: int, flow_levels: int | None = None,
+               *, levels: int | None = None) -> np.ndarray:
+        """Pixels of one region of pyramid ``level`` as (height, width, 3) uint8; decodes only the
+        patches it touches.
 
-        ``levels`` below the model's reads and decodes only the coarse flow levels of each patch:
-        a progressive preview. Missing, moved or damaged chunks raise (plain zarr would give zeros
-        for a missing shard)."""
-        return self.reader(level).region(x, y, width, height, levels)[0]
+        ``flow_levels`` below the model's reads and decodes only the coarse flow levels of each patch:
+        a progressive preview (``levels=`` is its older name). Missing, moved or damaged chunks raise
+        (plain zarr would give zeros for a missing shard)."""
+        from .reader import flow_levels_arg
+        return self.reader(level).region(x, y, width, height, flow_levels_arg(flow_levels, levels))[0]
 
     def reader(self, level: int):
         """wsi-idf's checked reader of one level (``wsi_idf.archive.reader.LevelReader``)."""

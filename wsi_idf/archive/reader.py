@@ -70,20 +70,20 @@ class LevelReader:
         return self.format.chunk_file(self.root.parent, self.level, srow, scol)
 
     def region(self, x: int, y: int, width: int, height: int,
-               levels: int | None = None) -> tuple[np.ndarray, int]:
+               flow_levels: int | None = None) -> tuple[np.ndarray, int]:
         """Pixels of a region as (height, width, 3) uint8 and the bytes read from chunk files.
-        ``levels`` below the model's decodes a preview from the coarse flow levels' bytes only."""
+        ``flow_levels`` below the model's decodes a preview from the coarse flow levels' bytes only."""
         from ..coding.batch import check_levels
         check_region(self.level, x, y, width, height, self.width, self.height)
-        check_levels(levels, self.model)
+        check_levels(flow_levels, self.model)
         side = self.chunk
         if self.storage == "source":
-            levels = None  # kept tiles have no flow levels: always exact
+            flow_levels = None  # kept tiles have no flow levels: always exact
         rows = range(y // side, (y + height - 1) // side + 1)
         cols = range(x // side, (x + width - 1) // side + 1)
-        blobs, counter = self.chunks(rows, cols, levels)
+        blobs, counter = self.chunks(rows, cols, flow_levels)
         keys = sorted(blobs)
-        patches = self.decode([blobs[k] for k in keys], keys, levels)
+        patches = self.decode([blobs[k] for k in keys], keys, flow_levels)
         out = np.empty((len(rows) * side, len(cols) * side, CHANNELS), dtype=np.uint8)
         for (r, c), patch in zip(keys, patches):
             out[(r - rows[0]) * side:(r - rows[0] + 1) * side,
@@ -91,7 +91,7 @@ class LevelReader:
         y0, x0 = y - rows[0] * side, x - cols[0] * side
         return np.ascontiguousarray(out[y0:y0 + height, x0:x0 + width]), counter
 
-    def decode(self, blobs: list[bytes], cells: list[tuple[int, int]], levels: int | None = None) -> np.ndarray:
+    def decode(self, blobs: list[bytes], cells: list[tuple[int, int]], flow_levels: int | None = None) -> np.ndarray:
         """Decode chunks found at ``cells`` with the archive's weights; damage raises ``CorruptPatchError``
         naming the patch's level and pixel position."""
         from ..coding.batch import decode_patches
@@ -108,7 +108,7 @@ class LevelReader:
                         exc.index = i
                         raise
                 return out
-            return decode_patches(blobs, model=self.model, levels=levels, positions=positions)
+            return decode_patches(blobs, model=self.model, levels=flow_levels, positions=positions)
         except (CorruptPatchError, WeightsMismatchError) as exc:
             r, c = cells[exc.index] if getattr(exc, "index", None) is not None else (None, None)
             where = f"{'tile' if self.storage == 'source' else 'patch'} x={c * self.chunk}, y={r * self.chunk}" \
@@ -117,8 +117,8 @@ class LevelReader:
                 f"it names other weights than its archive ({exc})"
             raise CorruptPatchError(f"level {self.level} {where} is damaged: {reason}") from None
 
-    def chunks(self, rows: range, cols: range, levels: int | None = None) -> tuple[dict, int]:
-        """The stored bytes of chunks ``rows`` x ``cols`` (only a preview's prefix with ``levels``)."""
+    def chunks(self, rows: range, cols: range, flow_levels: int | None = None) -> tuple[dict, int]:
+        """The stored bytes of chunks ``rows`` x ``cols`` (only a preview's prefix with ``flow_levels``)."""
         blobs: dict[tuple[int, int], bytes] = {}
         counter = [0]
         if not self.format.sharded:
@@ -130,7 +130,7 @@ class LevelReader:
                             size = f.seek(0, 2)
                             if not 0 < size <= self.max_chunk_bytes:
                                 raise ArchiveError(f"{path}: chunk file of {size} bytes: it is damaged")
-                            blobs[(r, c)] = _chunk_prefix(f, 0, size, levels, counter)
+                            blobs[(r, c)] = _chunk_prefix(f, 0, size, flow_levels, counter)
                     except FileNotFoundError:
                         raise ArchiveError(f"{path}: chunk file missing: the archive is damaged") from None
             return blobs, counter[0]
@@ -138,7 +138,7 @@ class LevelReader:
         for srow in sorted({r // per_side for r in rows}):
             for scol in sorted({c // per_side for c in cols}):
                 wanted = [(r, c) for r in rows for c in cols if r // per_side == srow and c // per_side == scol]
-                self._read_shard(srow, scol, wanted, levels, blobs, counter)
+                self._read_shard(srow, scol, wanted, flow_levels, blobs, counter)
         return blobs, counter[0]
 
     def shard_index(self, srow: int, scol: int, f, size: int, counter: list[int]) -> ShardIndex:
@@ -158,7 +158,7 @@ class LevelReader:
             raise ArchiveError(f"{path}: {exc}") from None
         return index
 
-    def _read_shard(self, srow: int, scol: int, wanted: list[tuple[int, int]], levels: int | None,
+    def _read_shard(self, srow: int, scol: int, wanted: list[tuple[int, int]], flow_levels: int | None,
                     blobs: dict, counter: list[int]) -> None:
         path = self.shard_path(srow, scol)
         per_side = self.shard // self.chunk
@@ -171,7 +171,14 @@ class LevelReader:
             index = self.shard_index(srow, scol, f, size, counter)
             for r, c in wanted:
                 offset, nbytes = index.chunk((r % per_side) * per_side + c % per_side)
-                blobs[(r, c)] = _chunk_prefix(f, offset, nbytes, levels, counter)
+                blobs[(r, c)] = _chunk_prefix(f, offset, nbytes, flow_levels, counter)
+
+
+def flow_levels_arg(flow_levels: int | None, levels: int | None) -> int | None:
+    """``levels=`` is wsi-idf 0.3's name for ``flow_levels=`` (beside a pyramid ``level`` it misled); both work."""
+    if levels is not None and flow_levels is not None and levels != flow_levels:
+        raise ArchiveError(f"flow_levels={flow_levels} and levels={levels} disagree (levels is the older name)")
+    return flow_levels if flow_levels is not None else levels
 
 
 def check_region(level: int, x: int, y: int, width: int, height: int, level_width: int, level_height: int) -> None:
@@ -190,14 +197,14 @@ def _read(f, offset: int, size: int, counter: list[int]) -> bytes:
     return data
 
 
-def _chunk_prefix(f, offset: int, nbytes: int, levels: int | None, counter: list[int]) -> bytes:
-    """A chunk's bytes, or with ``levels`` only the prefix a preview of that many flow levels needs."""
+def _chunk_prefix(f, offset: int, nbytes: int, flow_levels: int | None, counter: list[int]) -> bytes:
+    """A chunk's bytes, or with ``flow_levels`` only the prefix a preview of that many flow levels needs."""
     from ..coding.batch import preview_prefix
-    if levels is None:
+    if flow_levels is None:
         return _read(f, offset, nbytes, counter)
     head = _read(f, offset, min(nbytes, HEAD), counter)
     try:
-        need = preview_prefix(head, levels)
+        need = preview_prefix(head, flow_levels)
     except CorruptPatchError:
         need = None  # read it whole; decoding names the damage
     if need is None or need < 0 or need > nbytes:

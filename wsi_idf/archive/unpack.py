@@ -84,9 +84,9 @@ REGION_MAX_PIXELS = 2**26  # 64 Mpx, e.g. 8192 x 8192: about 0.6 GB of memory wh
 
 
 def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, width: int, height: int,
-                 levels: int | None = None, overwrite: bool = False) -> dict:
+                 flow_levels: int | None = None, overwrite: bool = False) -> dict:
     """One region of one level as PNG (or TIFF for a .tif/.tiff name); decodes only the patches it touches.
-    ``levels`` < the model's gives a progressive preview from fewer bytes. Lossy formats are refused:
+    ``flow_levels`` < the model's gives a progressive preview from fewer bytes. Lossy formats are refused:
     the pixels are exact, and a JPEG of them would not be."""
     out = Path(out)
     if out.suffix.lower() not in LOSSLESS_SUFFIXES:
@@ -98,7 +98,7 @@ def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, 
                            "levels with `wsi-idf unpack`, which streams them")
     check_output(out, overwrite, "image", (Path(path),))
     archive = open_archive(path)
-    pixels, bytes_read = archive.reader(level).region(x, y, width, height, levels)
+    pixels, bytes_read = archive.reader(level).region(x, y, width, height, flow_levels)
     try:
         if out.suffix.lower() in {".tif", ".tiff"}:
             import tifffile
@@ -111,13 +111,13 @@ def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, 
     except OSError as exc:
         raise ArchiveError(f"cannot write {out}: {exc.strerror or exc}") from exc
     return {"archive": str(archive.path), "out": str(out), "level": level, "x": x, "y": y, "width": width,
-            "height": height, "flow_levels": levels, "bytes_read": bytes_read if levels is not None else None}
+            "height": height, "flow_levels": flow_levels, "bytes_read": bytes_read if flow_levels is not None else None}
 
 
 def archive_info(path: str | Path) -> dict:
     """What an archive holds: source and provenance, levels, model, sizes, physical pixel size."""
     from .layout import archive_sizes
-    from ..jobs.pack import LOSSY_COMPRESSIONS
+    from ..slide import LOSSY_COMPRESSIONS
     archive = open_archive(path)
     meta = archive.metadata
     sizes = archive_sizes(archive.path, meta)

@@ -39,7 +39,7 @@ from ..config import CHANNELS, PATCH
 from ..errors import CorruptPatchError
 
 MAGIC = b"WI"
-FORMAT_VERSION = 3  # written; every version in READABLE_VERSIONS is read
+PATCH_FORMAT = 3  # written; every version in READABLE_VERSIONS is read
 READABLE_VERSIONS = (1, 2, 3)
 HEADER = struct.Struct("<2sBB4sI")
 POSITION = struct.Struct("<BHH")
@@ -63,7 +63,7 @@ class PatchHeader:
     mode: Mode
     weights_id: bytes
     crc32c: int
-    version: int = FORMAT_VERSION
+    version: int = PATCH_FORMAT
     position: Position | None = None  # version 3 patches written into an archive
 
     @property
@@ -90,7 +90,7 @@ def pixel_checksum(patch: np.ndarray, position: bytes = b"") -> int:
 
 def pack(mode: Mode, weights_id: bytes, crc: int, payload: bytes, position: bytes) -> bytes:
     """A version 3 patch; ``crc`` is ``pixel_checksum(pixels, position)``."""
-    return HEADER.pack(MAGIC, FORMAT_VERSION, int(mode), weights_id, crc) + position + payload
+    return HEADER.pack(MAGIC, PATCH_FORMAT, int(mode), weights_id, crc) + position + payload
 
 
 def header_checksum(header: PatchHeader, pixels: np.ndarray) -> int:
@@ -162,7 +162,7 @@ def pack_streams(streams: list[np.ndarray]) -> bytes:
             + np.asarray(crcs, dtype="<u4").tobytes() + b"".join(body))
 
 
-def streams_prefix(payload_head: bytes | memoryview, streams: int, version: int = FORMAT_VERSION) -> int | None:
+def streams_prefix(payload_head: bytes | memoryview, streams: int, version: int = PATCH_FORMAT) -> int | None:
     """Bytes of a version 2/3 IDF payload needed to decode its first ``streams`` streams (None: need more head)."""
     if len(payload_head) < 1:
         return None
@@ -174,7 +174,7 @@ def streams_prefix(payload_head: bytes | memoryview, streams: int, version: int 
     return table + 4 * int(counts[:max(0, streams)].sum()) if streams < total else -1  # -1: all of it
 
 
-def unpack_streams(payload: memoryview, expected: int, needed: int, version: int = FORMAT_VERSION) -> list[np.ndarray]:
+def unpack_streams(payload: memoryview, expected: int, needed: int, version: int = PATCH_FORMAT) -> list[np.ndarray]:
     """The first ``needed`` streams of a version 2/3 payload written for ``expected`` streams.
 
     Version 3 checks each returned stream's CRC32C except the last stream's (the pixel checksum

@@ -27,14 +27,13 @@ from ..outputs import PLAN_FILE, check_output, is_unfinished_pack, output_lock
 from ..coding.registry import default_device, entry, get_model, model_sha256, require_device
 from ..digests import file_sha256, level_checksum, region_digest
 from ..storage.shards import DEFAULT_SHARD, ShardBox, build_shard, cut_patches, shard_boxes
-from ..slide import Slide, SlideRef, cached_slide, level_as_dask, open_slide
+from ..slide import LOSSY_COMPRESSIONS, Slide, SlideRef, cached_slide, level_as_dask, open_slide
 
 log = logging.getLogger("wsi_idf")
 
 RECORDS_DIR = ".wsi-idf-pack"
 PREVIEW_DOWNSAMPLE = 8  # the preview holds at most 1/64 of level 0's pixels
 MAX_SHARD = 5120  # 64 x 64 patches: a 235 MB raw shard at most
-LOSSY_COMPRESSIONS = {"JPEG", "OJPEG", "APERIO_JP2000_RGB", "APERIO_JP2000_YCBC", "JPEG2000", "WEBP", "JPEGXR"}
 
 
 CODECS = ("auto", "idf", "source")

@@ -28,7 +28,8 @@ from ..errors import CorruptPatchError
 
 SOURCE_HEADER = struct.Struct("<BBBB")  # kind, colorspace, outcolorspace (255: None), layout
 NO_ID = b"\0\0\0\0"  # source chunks use no model
-LOSSY_KINDS = {"JPEG": "jpeg", "APERIO_JP2000_RGB": "jpeg2000", "JPEG2000": "jpeg2000"}
+# the lossy compressions (of ``slide.LOSSY_COMPRESSIONS``) whose tiles are kept as they are
+KEPT_KINDS = {"JPEG": "jpeg", "APERIO_JP2000_RGB": "jpeg2000", "JPEG2000": "jpeg2000"}
 MAX_TILE = 4096
 
 
@@ -61,7 +62,7 @@ class TileCoding:
 
 def page_coding(page) -> TileCoding | None:
     """The lossy coding of a tifffile page whose segments can be kept, or None (then code its pixels)."""
-    kind = LOSSY_KINDS.get(page.compression.name)
+    kind = KEPT_KINDS.get(page.compression.name)
     if kind is None or page.planarconfig != 1 or page.samplesperpixel != 3 or page.bitspersample != 8 \
             or page.extrasamples:
         return None

@@ -1,0 +1,74 @@
+"""The rooms of ``wsi_idf`` and the direction of their imports (README "Architecture").
+
+coding <- storage <- archive <- jobs, and model -> coding: a room never imports one to its right,
+so there is no import cycle, and decoding an archive never loads the float models or training.
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "wsi_idf"
+# what each room may import from the others (top-level modules: errors, config, slide, ... are shared)
+ALLOWED = {
+    "coding": set(),
+    "storage": {"coding"},
+    "archive": {"coding", "storage"},
+    "jobs": {"coding", "storage", "archive"},
+    "model": {"coding"},
+}
+
+
+def _imported_rooms(path: Path) -> set[str]:
+    room = path.relative_to(PACKAGE).parts[0]
+    rooms = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            parts = (node.module or "").split(".")
+            if node.level == 1:  # inside the same room (or from the top level, for top-level modules)
+                continue
+            if node.level == 2 and parts[0] in ALLOWED:
+                rooms.add(parts[0])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("wsi_idf."):
+            target = node.module.split(".")[1]
+            if target in ALLOWED and target != room:
+                rooms.add(target)
+    return rooms
+
+
+@pytest.mark.parametrize("room", sorted(ALLOWED))
+def test_rooms_import_only_to_their_left(room):
+    for path in sorted((PACKAGE / room).glob("*.py")):
+        assert _imported_rooms(path) <= ALLOWED[room], f"{path.name} imports {_imported_rooms(path) - ALLOWED[room]}"
+
+
+def test_every_module_lives_in_a_room_or_is_shared():
+    top = {p.stem for p in PACKAGE.glob("*.py")}
+    assert top == {"__init__", "cli", "config", "digests", "errors", "outputs", "slide"}
+    for room in ALLOWED:
+        assert (PACKAGE / room / "__init__.py").is_file()
+
+
+def test_reading_an_archive_never_loads_training_code():
+    """A fresh process that reads an archive through plain zarr and through ``open_archive``, and
+    codes patches, imports nothing from ``wsi_idf.model`` (the float models, training)."""
+    fixture = Path(__file__).parent / "fixtures" / "archive_v1.zarr"
+    script = (
+        "import sys, numpy as np, zarr, wsi_idf\n"
+        f"pixels = zarr.open_group({str(fixture)!r}, mode='r')['0'][:, :160, :160]\n"
+        f"assert (wsi_idf.open_archive({str(fixture)!r}).region(0, 0, 0, 160, 160) == pixels.transpose(1, 2, 0)).all()\n"
+        "patches = np.ascontiguousarray(pixels.reshape(3, 2, 80, 2, 80).transpose(1, 3, 0, 2, 4).reshape(4, 3, 80, 80))\n"
+        "assert (wsi_idf.decode_patches(wsi_idf.encode_patches(patches)) == patches).all()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('wsi_idf.model')))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_lossy_compressions_have_one_owner():
+    from wsi_idf.slide import LOSSY_COMPRESSIONS
+    from wsi_idf.storage.source_tiles import KEPT_KINDS
+    assert KEPT_KINDS.keys() <= LOSSY_COMPRESSIONS
