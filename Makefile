@@ -8,7 +8,7 @@ DATA ?= $(if $(WSI_IDF_DATA),$(WSI_IDF_DATA),../shared/data)
 SLIDE ?= $(DATA)/slides/cmu-1-small-region.svs
 WSI := $(VENV)/bin/wsi-idf
 
-.PHONY: demo test test-slow bench bench-pack bench-scale bench-progressive ablate train learning-curve clean-venv
+.PHONY: demo test test-slow bench bench-pack bench-scale bench-progressive ablate train learning-curve clean-venv gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,3 +59,27 @@ learning-curve: $(STAMP)  ## the shipped model's validation curve as a table and
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The GPU machine (Python 3.12, torch) lacks these; exact versions of this venv's, one of each.
+GPU_WHEELS := zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 dask==2026.8.0 \
+	distributed==2026.8.0 partd==1.4.2 locket==1.0.0 tblib==3.2.2 zict==3.0.0 tornado==6.6.1 \
+	constriction==0.5.0 importlib_metadata==10.2.0
+GPU_PLATFORMS := $(foreach n,17 24 27 28 31 34,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+gpu-wheels: $(STAMP)  ## here, on CPU: the wheels the GPU machine lacks (.whl/) and a small copy of the data (.gpu-data/)
+	mkdir -p .whl && rm -f .whl/*.whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+	rm -rf .gpu-data && $(PY) benchmarks/gpu_check.py --stage .gpu-data
+	du -sh .whl .gpu-data
+
+DEVICE ?= cuda
+GPU_OUT ?= $(if $(OUT),$(OUT),results/gpu-check)
+ifeq ($(DEVICE),cpu)
+gpu-check: $(STAMP)  ## CUDA-vs-CPU exactness, GPU pack throughput, a training burst (DEVICE=cpu SMALL=1: a 1-minute CPU run)
+	$(PY) benchmarks/gpu_check.py --device cpu $(if $(SMALL),--small) --out $(GPU_OUT)
+else
+gpu-check:
+	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+	PYTHONPATH=/tmp/site:. WSI_IDF_DATA=$(CURDIR)/.gpu-data PYTHONUNBUFFERED=1 \
+		python3 benchmarks/gpu_check.py --device $(DEVICE) $(if $(SMALL),--small) --out $(GPU_OUT)
+endif

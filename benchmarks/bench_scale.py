@@ -31,6 +31,36 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def pack_and_measure(source: Path, out: Path, workers: int, device: str, model: str = "fast",
+                     scheduler: str | None = None) -> dict:
+    """Pack ``source`` with the IDF on a local cluster of ``workers`` (or ``scheduler``): Mpx/s end to
+    end and per stage, peak RSS of every process. Also used by ``gpu_check.py``."""
+    from distributed import Client, LocalCluster
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+    cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0")
+    with Client(scheduler or cluster) as client:
+        workers = len(client.scheduler_info()["workers"])
+        summary = pack_slide(source, out, model=model, device=device, scheduler=client.scheduler.address,
+                             progress=True, codec="idf")  # the IDF pipeline's throughput, though the tiles are JPEG
+        worker_rss = client.run(peak_rss_mb)
+    if cluster is not None:
+        cluster.close()
+    pixels = summary["raw_bytes"] / 3
+    stages = summary["stage_seconds"]
+    busy = sum(stages.values())
+    rows = [{"stage": name.removesuffix("_s"), "task_seconds": round(sec, 1), "share": round(sec / busy, 3),
+             "mpx_s_per_worker": round(pixels / 1e6 / sec, 2) if sec else None} for name, sec in stages.items()]
+    return {"summary": summary, "levels": summary["levels"],
+            "megapixels_all_levels": round(pixels / 1e6, 1), "source_gb": round(summary["source_bytes"] / 1e9, 3),
+            "archive_gb": round(summary["archive_bytes"] / 1e9, 3), "bits_per_subpixel": summary["bits_per_subpixel"],
+            "seconds": summary["seconds"], "end_to_end_mpx_s": round(pixels / 1e6 / summary["seconds"], 3),
+            "workers": workers, "model": model, "device": device, "stages": rows,
+            "client_peak_rss_mb": round(peak_rss_mb()),
+            "worker_peak_rss_mb": {str(k): round(v) for k, v in worker_rss.items()}}
+
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gigapixels", type=float, default=4.0, help="level-0 size (default 4)")
@@ -42,7 +72,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--keep", action="store_true", help="keep the archive")
     args = parser.parse_args()
-    from distributed import Client, LocalCluster
     args.work.mkdir(parents=True, exist_ok=True)
     width = int(math.sqrt(args.gigapixels * 1e9 * 4 / 3)) // 8 * 8
     height = int(args.gigapixels * 1e9 / width) // 8 * 8
@@ -55,29 +84,10 @@ def main() -> None:
         print(f"generated {source} ({source.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s",
               flush=True)
     out = args.work / "scale.zarr"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
-    cluster = None if args.scheduler else LocalCluster(n_workers=args.workers, threads_per_worker=1,
-                                                       dashboard_address=":0")
-    with Client(args.scheduler or cluster) as client:
-        workers = len(client.scheduler_info()["workers"])
-        summary = pack_slide(source, out, model=args.model, device=args.device, scheduler=client.scheduler.address,
-                             progress=True, codec="idf")  # the IDF pipeline's throughput, though the tiles are JPEG
-        worker_rss = client.run(peak_rss_mb)
-    if cluster is not None:
-        cluster.close()
-    pixels = summary["raw_bytes"] / 3
-    stages = summary["stage_seconds"]
-    busy = sum(stages.values())
-    rows = [{"stage": name.removesuffix("_s"), "task_seconds": round(sec, 1), "share": round(sec / busy, 3),
-             "mpx_s_per_worker": round(pixels / 1e6 / sec, 2) if sec else None} for name, sec in stages.items()]
-    result = {"slide": source.name, "level0": f"{width}x{height}", "levels": summary["levels"],
-              "megapixels_all_levels": round(pixels / 1e6, 1), "source_gb": round(summary["source_bytes"] / 1e9, 3),
-              "archive_gb": round(summary["archive_bytes"] / 1e9, 3), "bits_per_subpixel": summary["bits_per_subpixel"],
-              "seconds": summary["seconds"], "end_to_end_mpx_s": round(pixels / 1e6 / summary["seconds"], 3),
-              "workers": workers, "model": args.model, "device": args.device, "stages": rows,
-              "client_peak_rss_mb": round(peak_rss_mb()),
-              "worker_peak_rss_mb": {str(k): round(v) for k, v in worker_rss.items()}}
+    result = pack_and_measure(source, out, args.workers, args.device, args.model, args.scheduler)
+    result.update(slide=source.name, level0=f"{width}x{height}")
+    summary = result.pop("summary")
+    rows, workers = result["stages"], result["workers"]
     header = (f"wsi-idf scale benchmark: {width}x{height} level 0, {summary['levels']} levels, model {args.model}, "
               f"{workers} worker(s), {platform.machine()}, {time.strftime('%Y-%m-%d')}")
     lines = [header, "", f"end to end: {result['end_to_end_mpx_s']} Mpx/s ({result['megapixels_all_levels']} Mpx "

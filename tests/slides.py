@@ -69,12 +69,12 @@ def write_ome_tiff(path: Path, levels: list[np.ndarray], mpp: float = 0.5, tile:
 
 
 def write_mosaic_pyramid(path: Path, width: int, height: int, levels: int = 4, seed: int = 0, tile: int = 512,
-                         quality: int = 90) -> Path:
+                         quality: int = 90, compression: str | None = "jpeg") -> Path:
     """A slide of any size (gigapixels) streamed tile by tile, never held whole in memory.
 
     Level k is a mosaic of the real MoNuSeg tiles box-downsampled by 2^k, each grid cell a tile
-    picked and rotated by the seed; JPEG-compressed like a scanner's SVS. Both tifffile and
-    OpenSlide read every level.
+    picked and rotated by the seed; JPEG-compressed like a scanner's SVS (``compression=None``:
+    uncompressed, readable without imagecodecs). Both tifffile and OpenSlide read every level.
     """
     paths = sorted(TILE_FOLDER.glob("*.tif"))
     sources = [[read_rgb(p)[:1000, :1000]] for p in paths]
@@ -105,7 +105,8 @@ def write_mosaic_pyramid(path: Path, width: int, height: int, levels: int = 4, s
         for k in range(levels):
             shape = (-(-height // 2**k), -(-width // 2**k), 3)
             tif.write(tiles(k), shape=shape, dtype=np.uint8, tile=(tile, tile), photometric="rgb",
-                      compression="jpeg", compressionargs={"level": quality}, subfiletype=1 if k else 0,
+                      compression=compression, compressionargs={"level": quality} if compression == "jpeg" else None,
+                      subfiletype=1 if k else 0,
                       resolution=(1e4 / (0.25 * 2**k), 1e4 / (0.25 * 2**k)), resolutionunit="CENTIMETER")
     return path
 
