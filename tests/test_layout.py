@@ -72,3 +72,40 @@ def test_lossy_compressions_have_one_owner():
     from wsi_idf.slide import LOSSY_COMPRESSIONS
     from wsi_idf.storage.source_tiles import KEPT_KINDS
     assert KEPT_KINDS.keys() <= LOSSY_COMPRESSIONS
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Which wsi_idf modules each module imports, at the top or inside functions."""
+    modules = {".".join(("wsi_idf", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): p
+               for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        base = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else (node.module or "")
+                for alias in node.names:
+                    deps.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target)
+        graph[name] = {d for d in deps if d in modules and d not in (name, "wsi_idf")}  # the root is the facade
+    return graph
+
+
+def test_no_import_cycle_even_through_lazy_imports():
+    graph = _module_graph()
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            assert state.get(dep) != 1, "import cycle: " + " -> ".join(path[path.index(dep):] + [dep]) \
+                if dep in path else f"import cycle through {dep}"
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert len(graph) > 30
