@@ -7,7 +7,7 @@ import zarr
 
 import wsi_idf
 from wsi_idf.model.data import data_dir, grid_patches, load_tiles
-from wsi_idf.storage.zarr_codec import WsiIdfCodec
+from wsi_idf import WsiIdfCodec
 
 patches = grid_patches(load_tiles(data_dir() / "tiles" / "val"))[:16]  # (16, 3, 80, 80) uint8
 

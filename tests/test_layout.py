@@ -109,3 +109,10 @@ def test_no_import_cycle_even_through_lazy_imports():
         if module not in state:
             visit(module, [module])
     assert len(graph) > 30
+
+
+def test_public_api_resolves_from_the_top():
+    import wsi_idf
+    for name in wsi_idf.__all__:
+        assert getattr(wsi_idf, name) is not None, name
+    assert wsi_idf.WsiIdfCodec.__module__ == "wsi_idf.storage.zarr_codec"

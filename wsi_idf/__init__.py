@@ -8,6 +8,7 @@ from .coding.registry import DEFAULT_MODEL, MODELS, get_model
 __version__ = "0.3.0"
 
 __all__ = ["open_archive", "Archive", "pack_slide", "encode_patches", "decode_patches", "ideal_bits", "get_model", "MODELS", "DEFAULT_MODEL",
+           "WsiIdf", "WsiIdfCodec",
            "WsiIdfError", "ArchiveError", "SlideError", "CorruptPatchError", "InvalidPatchError", "UnknownModelError", "WeightsMismatchError",
            "__version__"]
 
@@ -16,3 +17,13 @@ def pack_slide(*args, **kwargs):  # imported lazily: it brings in Dask
     """Pack a slide into an archive; see :func:`wsi_idf.jobs.pack.pack_slide`."""
     from .jobs.pack import pack_slide as _pack_slide
     return _pack_slide(*args, **kwargs)
+
+
+def __getattr__(name: str):  # the codecs, imported on first use (they bring in zarr's codec machinery)
+    if name == "WsiIdf":
+        from .storage.numcodecs_codec import WsiIdf
+        return WsiIdf
+    if name == "WsiIdfCodec":
+        from .storage.zarr_codec import WsiIdfCodec
+        return WsiIdfCodec
+    raise AttributeError(f"module 'wsi_idf' has no attribute {name!r}")
