@@ -199,3 +199,42 @@ def test_every_validation_patch_roundtrips_with_every_model():
     patches = grid_patches(load_tiles(DATA / "tiles" / "val"))
     for name in MODELS:
         np.testing.assert_array_equal(decode_patches(encode_patches(patches, model=name)), patches)
+
+
+def test_concurrent_calls_share_the_cores_and_give_them_back(val_patches):
+    """Calls in flight at once split the cores (never more than the caller allowed), bytes unchanged."""
+    import threading
+
+    import torch
+
+    from wsi_idf.coding.threads import shared_cores, usable_cores
+    before = torch.get_num_threads()
+    with shared_cores() as alone:
+        assert alone.threads == torch.get_num_threads() == max(1, min(before, usable_cores()))
+    assert torch.get_num_threads() == before
+    inside, fitted, got = threading.Barrier(3), threading.Barrier(3), []
+
+    def call():
+        with shared_cores() as share:
+            inside.wait()  # all three in flight: each batch now fits a third of the cores
+            got.append((share.fit(), torch.get_num_threads()))
+            fitted.wait()  # none leaves before all have fitted
+
+    workers = [threading.Thread(target=call) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert got == [(max(1, min(before, usable_cores() // 3)),) * 2] * 3
+    blobs = encode_patches(val_patches[:8])
+    results: list = [None] * 4
+
+    def decode(k):
+        results[k] = decode_patches(blobs)
+
+    threads = [threading.Thread(target=decode, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(r, val_patches[:8]) for r in results)

@@ -18,6 +18,7 @@ from ..errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
 from .latent_streams import LatentStreams
 from .model_file import CodingModel
 from .registry import get_model
+from .threads import shared_cores
 
 ModelArg = str | Path | CodingModel | None
 
@@ -52,21 +53,23 @@ def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int 
     streams = LatentStreams(coding_model)
     blobs: list[bytes] = []
     timings = timings if timings is not None else {}
-    for start in range(0, len(patches), max(1, batch_size)):
-        batch = patches[start:start + batch_size]
-        t0 = time.perf_counter()
-        latents = streams.latents(batch)
-        t1 = time.perf_counter()
-        timings["model_s"] = timings.get("model_s", 0.0) + t1 - t0
-        for i, patch in enumerate(batch):
-            place = places[start + i]
-            crc = fmt.pixel_checksum(patch, place)
-            payload = streams.encode(latents, i)
-            # deflate costs ~0.4 ms a patch and wins on flat or synthetic content
-            plain = fmt.encode_plain(patch, coding_model.weights_id, crc, place)
-            blobs.append(plain if payload is None else
-                         min(fmt.pack(fmt.Mode.IDF, coding_model.weights_id, crc, payload, place), plain, key=len))
-        timings["entropy_s"] = timings.get("entropy_s", 0.0) + time.perf_counter() - t1
+    with shared_cores() as cores:  # concurrent calls split the cores instead of oversubscribing them
+        for start in range(0, len(patches), max(1, batch_size)):
+            cores.fit()
+            batch = patches[start:start + batch_size]
+            t0 = time.perf_counter()
+            latents = streams.latents(batch)
+            t1 = time.perf_counter()
+            timings["model_s"] = timings.get("model_s", 0.0) + t1 - t0
+            for i, patch in enumerate(batch):
+                place = places[start + i]
+                crc = fmt.pixel_checksum(patch, place)
+                payload = streams.encode(latents, i)
+                # deflate costs ~0.4 ms a patch and wins on flat or synthetic content
+                plain = fmt.encode_plain(patch, coding_model.weights_id, crc, place)
+                blobs.append(plain if payload is None else
+                             min(fmt.pack(fmt.Mode.IDF, coding_model.weights_id, crc, payload, place), plain, key=len))
+            timings["entropy_s"] = timings.get("entropy_s", 0.0) + time.perf_counter() - t1
     return blobs
 
 
@@ -131,13 +134,16 @@ def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: i
         if levels is not None and levels < coding_model.config.levels:
             preview.update(indices)
         streams = LatentStreams(coding_model)
-        for start in range(0, len(indices), max(1, batch_size)):
-            chunk = indices[start:start + batch_size]
-            pixels, errors = streams.decode([payloads[i] for i in chunk], [headers[i].version for i in chunk], levels)
-            if errors:
-                j = min(errors)
-                raise CorruptPatchError(f"patch {chunk[j]} is damaged: {errors[j]}", index=chunk[j])
-            out[chunk] = pixels
+        with shared_cores() as cores:
+            for start in range(0, len(indices), max(1, batch_size)):
+                cores.fit()
+                chunk = indices[start:start + batch_size]
+                pixels, errors = streams.decode([payloads[i] for i in chunk], [headers[i].version for i in chunk],
+                                                levels)
+                if errors:
+                    j = min(errors)
+                    raise CorruptPatchError(f"patch {chunk[j]} is damaged: {errors[j]}", index=chunk[j])
+                out[chunk] = pixels
     for i, header in enumerate(headers):
         if i not in preview and fmt.header_checksum(header, out[i]) != header.crc32c:
             raise CorruptPatchError(f"patch {i} is damaged: pixel checksum (CRC32C) mismatch", index=i)
