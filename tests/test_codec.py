@@ -39,8 +39,26 @@ def test_config_with_other_weights_refuses_on_use(val_patches):
     with pytest.raises(WeightsMismatchError):
         numcodecs.get_codec({"id": "wsi_idf", "model": "fast", "weights": "0" * 64}).decode(blob)
     with pytest.raises(WeightsMismatchError):
-        WsiIdfCodec.from_dict({"name": "wsi_idf", "configuration": {"model": "fast", "weights": "f" * 64}})._codec.coding_model
+        WsiIdfCodec.from_dict({"name": "wsi_idf", "configuration": {"model": "fast", "weights": "f" * 64}})._codec._coding_model
 
+
+
+def test_the_codec_device_comes_from_wsi_idf_device(val_patches, monkeypatch):
+    """Plain zarr passes no device: WSI_IDF_DEVICE chooses (auto: the GPU when present); a bad value
+    is one clear error, and the bytes do not depend on it."""
+    import torch
+    blob = WsiIdf().encode(val_patches[0])
+    monkeypatch.setenv("WSI_IDF_DEVICE", "cpu")
+    codec = WsiIdf()
+    assert np.array_equal(codec.decode(blob).reshape(3, 80, 80), val_patches[0])
+    assert codec._coding_model.flow.device == torch.device("cpu")
+    monkeypatch.setenv("WSI_IDF_DEVICE", "abacus")
+    with pytest.raises(WsiIdfError, match="WSI_IDF_DEVICE='abacus': unknown device"):
+        WsiIdf().decode(blob)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("WSI_IDF_DEVICE", "cuda")
+        with pytest.raises(WsiIdfError, match="no CUDA device"):
+            WsiIdf().decode(blob)
 
 HOSTILE_MODELS = ["/tmp/planted-01b41279.safetensors", "../../../tmp/planted", "**", "fast/../max", "", None, 7,
                   "fast-01b41279.safetensors", "x" * 5000]

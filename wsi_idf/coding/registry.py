@@ -5,6 +5,8 @@ the hash is checked when a file is loaded. Loaded models are cached per (file, d
 """
 from __future__ import annotations
 
+import os
+
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,21 @@ def default_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+DEVICE_ENV = "WSI_IDF_DEVICE"
+
+
+def codec_device() -> torch.device:
+    """Where the zarr codecs run the network: ``WSI_IDF_DEVICE`` (auto, cpu, cuda, cuda:1; default
+    auto: the GPU when there is one). Plain ``zarr.open`` passes no device, so this is how to choose."""
+    value = os.environ.get(DEVICE_ENV, "auto").strip() or "auto"
+    if value == "auto":
+        return default_device(value)
+    try:
+        return require_device(value)
+    except WsiIdfError as exc:
+        raise WsiIdfError(f"{DEVICE_ENV}={value!r}: {exc}") from None
 
 
 def model_sha256(name: str | None) -> str:

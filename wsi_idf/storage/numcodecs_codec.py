@@ -15,7 +15,7 @@ from ..errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
 from ..coding.model_file import CodingModel
 from ..coding import patch_format as fmt
 from ..coding.patch_format import RAW_BYTES
-from ..coding.registry import DEFAULT_MODEL, check_model_name, check_weights_id, get_model
+from ..coding.registry import DEFAULT_MODEL, check_model_name, check_weights_id, codec_device, get_model, model_sha256
 
 
 class WsiIdf(Codec):
@@ -28,6 +28,9 @@ class WsiIdf(Codec):
     weights : str, optional
         The sha256 of the model file. Stored in the array metadata; decoding refuses
         when the installed weights differ. Defaults to the installed weights.
+
+    The network runs where ``WSI_IDF_DEVICE`` says (auto: the GPU when there is one); the
+    bytes and pixels are the same on every device.
 
     Examples
     --------
@@ -47,17 +50,14 @@ class WsiIdf(Codec):
         # the configuration may come from a hostile archive: only a registered name and a hex
         # hash pass, and the model loads on first use, so opening an array never fails on it
         self.model = check_model_name(model)
-        self._model: CodingModel | None = None
-        if weights is None:
-            self._model = get_model(model)
-            weights = self._model.sha256
-        self.weights = check_weights_id(weights)
+        self._model: CodingModel | None = None  # runtime state, loaded on first use
+        self.weights = check_weights_id(model_sha256(model) if weights is None else weights)
 
     @property
-    def coding_model(self) -> CodingModel:
-        """The loaded model, pinned to the configured weights."""
+    def _coding_model(self) -> CodingModel:
+        """The loaded model, pinned to the configured weights, on ``WSI_IDF_DEVICE``."""
         if self._model is None:
-            self._model = get_model(self.model, weights=self.weights)
+            self._model = get_model(self.model, codec_device(), weights=self.weights)
         return self._model
 
     def encode(self, buf) -> bytes:
@@ -66,7 +66,7 @@ class WsiIdf(Codec):
             raise InvalidPatchError(f"wsi_idf chunks must be ({CHANNELS}, {PATCH}, {PATCH}) uint8, "
                                     f"got {arr.nbytes} bytes of {arr.dtype}")
         patch = arr.reshape(1, CHANNELS, PATCH, PATCH)
-        return encode_patches(patch, model=self.coding_model)[0]
+        return encode_patches(patch, model=self._coding_model)[0]
 
     def decode(self, buf, out=None):
         data = bytes(ensure_contiguous_ndarray(buf)) if not isinstance(buf, bytes) else buf
@@ -75,7 +75,7 @@ class WsiIdf(Codec):
 
     def encode_many(self, patches: np.ndarray) -> list[bytes]:
         """Encode (N, 3, 80, 80) uint8 patches in one batch."""
-        return encode_patches(patches, model=self.coding_model)
+        return encode_patches(patches, model=self._coding_model)
 
     def decode_many(self, blobs: list[bytes], shape: tuple[int, ...] = (CHANNELS, PATCH, PATCH)) -> np.ndarray:
         """Decode many chunks of one ``shape`` in one batch: (N, *shape) uint8. Chunks that keep a
@@ -85,7 +85,7 @@ class WsiIdf(Codec):
             from .source_tiles import decode_chunk
             return np.stack([decode_chunk(blob, tuple(shape)) for blob in blobs]) if blobs else \
                 np.empty((0, *shape), np.uint8)
-        model = self.coding_model  # the array's own weights missing is not chunk damage
+        model = self._coding_model  # the array's own weights missing is not chunk damage
         try:
             return decode_patches(blobs, model=model)
         except WeightsMismatchError as exc:
