@@ -86,6 +86,8 @@ expected = np.load({str(tmp_path / 'expected.npy')!r})
 assert (level[...].transpose(1, 2, 0) == expected).all()
 assert (level[:, 2900:2967, 2150:2220].transpose(1, 2, 0) == expected[2900:, 2150:]).all()
 label = zarr.open_group({str(cmu)!r}, mode="r")["associated/label"][...]
+import sys
+assert "torch" not in sys.modules, "kept tiles need no network: a first read must not pay for importing torch"
 print("ok", label.shape)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

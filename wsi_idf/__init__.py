@@ -6,10 +6,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .archive import Archive, open_archive
-from .coding import decode_patches, encode_patches, ideal_bits
+from .coding.registry import DEFAULT_MODEL, MODELS, get_model
 from .errors import (ArchiveError, CorruptPatchError, InvalidPatchError, SlideError, UnknownModelError,
                      WeightsMismatchError, WsiIdfError)
-from .coding.registry import DEFAULT_MODEL, MODELS, get_model
 
 __version__ = "0.3.0"
 
@@ -25,7 +24,10 @@ def pack_slide(*args, **kwargs):  # imported lazily: it brings in Dask
     return _pack_slide(*args, **kwargs)
 
 
-def __getattr__(name: str):  # the codecs, imported on first use (they bring in zarr's codec machinery)
+def __getattr__(name: str):  # imported on first use: torch (the batch API) or zarr's codec machinery
+    if name in ("encode_patches", "decode_patches", "ideal_bits"):
+        from .coding import batch
+        return getattr(batch, name)
     if name == "WsiIdf":
         from .storage.numcodecs_codec import WsiIdf
         return WsiIdf

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..coding import patch_format as fmt
 from ..config import CHANNELS, PATCH
 from ..errors import ArchiveError, CorruptPatchError, WeightsMismatchError
-from ..coding.model_file import CodingModel
 from ..storage.shards import ShardIndex
 from ..storage.zarr_formats import FORMATS, ZarrFormat
+
+if TYPE_CHECKING:
+    from ..coding.model_file import CodingModel
 
 HEAD = 64  # bytes that always hold a patch's header and stream table
 MAX_PATCH_BYTES = fmt.RAW_BYTES + fmt.HEADER.size + fmt.POSITION.size  # the encoder never writes more

@@ -2,6 +2,7 @@
 
 Weight files live in ``wsi_idf/weights`` and are named ``{name}-{sha256[:8]}.safetensors``;
 the hash is checked when a file is loaded. Loaded models are cached per (file, device).
+The table imports no torch: reading an archive's kept source tiles never loads it.
 """
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..config import IDFConfig, WaveletConfig
 from ..errors import UnknownModelError, WeightsMismatchError, WsiIdfError
-from .model_file import CodingModel, check_model_path, load_coding_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model_file import CodingModel
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
@@ -71,6 +75,7 @@ _lock = threading.Lock()
 
 def default_device(device: str | torch.device | None) -> torch.device:
     """The one place "auto" (or None) becomes a device: CUDA when this machine has it."""
+    import torch
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -94,6 +99,7 @@ def codec_device() -> torch.device:
 def model_sha256(name: str | None) -> str:
     """The sha256 of a registered model's file, without loading the model (e.g. in a job's client)."""
     from ..digests import file_sha256
+    from .model_file import check_model_path
     path = weights_file(name)
     check_model_path(path)
     return file_sha256(path)
@@ -101,6 +107,7 @@ def model_sha256(name: str | None) -> str:
 
 def require_device(device: str | torch.device) -> torch.device:
     """A device that exists on this machine; a clear error otherwise (before any work starts)."""
+    import torch
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -179,6 +186,7 @@ def get_model(model: str | Path | CodingModel | None = None, device: str | torch
     With ``weights`` given, a model whose weights differ raises ``WeightsMismatchError``.
     A path is the caller's own choice; the codecs only ever pass registered names.
     """
+    from .model_file import CodingModel, load_coding_model
     if isinstance(model, CodingModel):
         loaded = model
     else:

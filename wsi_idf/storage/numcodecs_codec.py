@@ -5,17 +5,20 @@ name and weights hash, so an archive never silently decodes with other weights.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from numcodecs.abc import Codec
 from numcodecs.compat import ensure_contiguous_ndarray, ndarray_copy
 
-from ..coding.batch import decode_patches, encode_patches
 from ..config import CHANNELS, PATCH
 from ..errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
-from ..coding.model_file import CodingModel
 from ..coding import patch_format as fmt
 from ..coding.patch_format import RAW_BYTES
 from ..coding.registry import DEFAULT_MODEL, check_model_name, check_weights_id, codec_device, get_model, model_sha256
+
+if TYPE_CHECKING:  # the batch API (torch) is imported when a patch is coded: kept source tiles need none
+    from ..coding.model_file import CodingModel
 
 
 class WsiIdf(Codec):
@@ -66,6 +69,7 @@ class WsiIdf(Codec):
             raise InvalidPatchError(f"wsi_idf chunks must be ({CHANNELS}, {PATCH}, {PATCH}) uint8, "
                                     f"got {arr.nbytes} bytes of {arr.dtype}")
         patch = arr.reshape(1, CHANNELS, PATCH, PATCH)
+        from ..coding.batch import encode_patches
         return encode_patches(patch, model=self._coding_model)[0]
 
     def decode(self, buf, out=None):
@@ -75,6 +79,7 @@ class WsiIdf(Codec):
 
     def encode_many(self, patches: np.ndarray) -> list[bytes]:
         """Encode (N, 3, 80, 80) uint8 patches in one batch."""
+        from ..coding.batch import encode_patches
         return encode_patches(patches, model=self._coding_model)
 
     def decode_many(self, blobs: list[bytes], shape: tuple[int, ...] = (CHANNELS, PATCH, PATCH)) -> np.ndarray:
@@ -85,6 +90,7 @@ class WsiIdf(Codec):
             from .source_tiles import decode_chunk
             return np.stack([decode_chunk(blob, tuple(shape)) for blob in blobs]) if blobs else \
                 np.empty((0, *shape), np.uint8)
+        from ..coding.batch import decode_patches
         model = self._coding_model  # the array's own weights missing is not chunk damage
         try:
             return decode_patches(blobs, model=model)
