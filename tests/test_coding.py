@@ -149,7 +149,8 @@ print('ok')
     assert _run(decode, 2).strip() == "ok"
 
 
-@pytest.mark.parametrize("folder, version", [("format_v1", 1), ("format_v2", 2), ("model_v2", 2), ("format_v3", 3)])
+@pytest.mark.parametrize("folder, version", [("format_v1", 1), ("format_v2", 2), ("model_v2", 2), ("format_v3", 3),
+                                             ("fast_e02fec51", 3)])
 def test_committed_fixture_bytes_decode(tmp_path, folder, version):
     """Bytes written by earlier versions and models decode to the same pixels forever (a promise)."""
     folder = FIXTURES.parent / folder

@@ -9,6 +9,7 @@ import int_reference
 from wsi_idf.coding.batch import ideal_bits
 from wsi_idf.model.export import load_float_model
 from wsi_idf.config import WaveletConfig
+from wsi_idf.config import IDFConfig
 from wsi_idf.coding.registry import MODELS, RETIRED, WEIGHTS_DIR, get_model
 
 SHIPPED = sorted({e.weights for e in (*MODELS.values(), *RETIRED)})
@@ -57,7 +58,8 @@ def test_thread_count_does_not_change_latents(val_patches):
             np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("weights", [MODELS["fast"].weights, RETIRED[0].weights])
+@pytest.mark.parametrize("weights", [MODELS["fast"].weights, RETIRED[0].weights,
+                                     next(e for e in RETIRED if isinstance(e.config, IDFConfig)).weights])
 def test_inverse_undoes_forward(val_patches, hard_patches, weights):
     model = get_model(WEIGHTS_DIR / weights)
     x = np.concatenate([val_patches[:4], hard_patches])

@@ -16,6 +16,7 @@ from wsi_idf.cli import main
 from wsi_idf.coding.batch import preview_prefix
 from wsi_idf.jobs.pack import pack_slide
 from wsi_idf.archive.progressive import read_region
+from wsi_idf.config import IDFConfig
 from wsi_idf.coding.registry import RETIRED, WEIGHTS_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -30,7 +31,8 @@ def cut(blobs: list[bytes], levels: int) -> list[bytes]:
     return [b if (n := preview_prefix(b[:64], levels)) < 0 else b[:n] for b in blobs]
 
 
-@pytest.mark.parametrize("model", ["fast", str(WEIGHTS_DIR / RETIRED[0].weights)])
+@pytest.mark.parametrize("model", ["fast", str(WEIGHTS_DIR / RETIRED[0].weights),
+                                   str(WEIGHTS_DIR / next(e for e in RETIRED if isinstance(e.config, IDFConfig)).weights)])
 def test_previews_improve_with_levels_and_all_levels_is_lossless(val_patches, model):
     blobs = encode_patches(val_patches[:8], model=model)
     assert all(fmt.unpack(b)[0].version == fmt.PATCH_FORMAT for b in blobs)
