@@ -8,7 +8,7 @@ DATA ?= $(if $(WSI_IDF_DATA),$(WSI_IDF_DATA),../shared/data)
 SLIDE ?= $(DATA)/slides/cmu-1-small-region.svs
 WSI := $(VENV)/bin/wsi-idf
 
-.PHONY: demo test test-slow bench bench-pack bench-region bench-scale bench-progressive ablate train learning-curve clean-venv gpu-wheels gpu-check
+.PHONY: demo test test-slow bench bench-coders bench-pack bench-region bench-scale bench-progressive ablate train learning-curve clean-venv gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench: $(STAMP)  ## codec benchmark table against JPEG XL, JPEG 2000, WebP, JPEG
 
 bench-pack: $(STAMP)  ## whole slides through the Dask pipeline: time, size, peak memory
 	$(PY) benchmarks/bench_pack.py --out results
+
+bench-coders: $(STAMP)  ## entropy coders on real latents: constriction as used, the whole path, a C prototype
+	$(PY) benchmarks/bench_coders.py --patches 256
 
 bench-region: $(STAMP)  ## 1024x1024 region reads through plain zarr vs tifffile and OpenSlide, quiet and with one core busy
 	$(PY) benchmarks/bench_region.py --out results
