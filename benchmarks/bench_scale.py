@@ -38,7 +38,9 @@ def pack_and_measure(source: Path, out: Path, workers: int, device: str, model: 
     from distributed import Client, LocalCluster
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
-    cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0")
+    gpu = {"GPU": 1} if device.startswith("cuda") else None  # pack sends CUDA tasks only to GPU workers
+    cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0",
+                                                   resources=gpu)
     with Client(scheduler or cluster) as client:
         workers = len(client.scheduler_info()["workers"])
         summary = pack_slide(source, out, model=model, device=device, scheduler=client.scheduler.address,
