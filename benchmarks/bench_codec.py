@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import wsi_idf  # noqa: F401  (before torch, as in the CLI and plain zarr: it sets OMP_WAIT_POLICY)
 import imagecodecs
 import numpy as np
 import torch
