@@ -26,6 +26,7 @@ import math
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="real data (default: WSI_IDF_DATA or ../shared/data)")
     parser.add_argument("--budget-s", type=float, default=None, help="whole run (default 480; 60 with --small)")
     parser.add_argument("--gigapixels", type=float, default=None, help="generated slide (default 1; 0.002 small)")
-    parser.add_argument("--workers", type=int, default=None, help="pack workers (default 8 on a GPU: each codes on its own CPU core; 1 on CPU)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="pack workers (default 8 on a GPU: each codes on its own CPU core; 1 on CPU)")
     parser.add_argument("--stage", type=Path, default=None, metavar="DIR",
                         help="only copy the small data set for the GPU machine into DIR (make gpu-wheels)")
     args = parser.parse_args(argv)
@@ -186,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"}
     result["exactness"] = check_exactness(args.device, patches)
     print(f"exactness ok ({time.perf_counter() - start:.0f} s)", flush=True)
-    work = args.out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-work-", dir=args.out))  # ours alone: removed after the pack
     workers = args.workers or (8 if args.device.startswith("cuda") else 1)  # entropy coding is per worker, on CPU
     result["pack"] = pack_throughput(args.device, args.gigapixels or (0.002 if args.small else 1.0), workers, work)
     print(f"pack done ({time.perf_counter() - start:.0f} s)", flush=True)
