@@ -31,6 +31,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def mosaic_shape(gigapixels: float) -> tuple[int, int, int]:
+    """(width, height, pyramid levels) of a 4:3 level 0 of ``gigapixels``, halved down to ~1000 px."""
+    width = int(math.sqrt(gigapixels * 1e9 * 4 / 3)) // 8 * 8
+    height = int(gigapixels * 1e9 / width) // 8 * 8
+    return width, height, max(1, int(math.log2(max(width, height) / 1000)) + 1)
+
+
 def pack_and_measure(source: Path, out: Path, workers: int, device: str, model: str = "fast",
                      scheduler: str | None = None) -> dict:
     """Pack ``source`` with the IDF on a local cluster of ``workers`` (or ``scheduler``): Mpx/s end to
@@ -75,13 +82,12 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the archive")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    width = int(math.sqrt(args.gigapixels * 1e9 * 4 / 3)) // 8 * 8
-    height = int(args.gigapixels * 1e9 / width) // 8 * 8
+    width, height, levels = mosaic_shape(args.gigapixels)
     source = args.work / f"mosaic-{width}x{height}.tif"
     if not source.exists():
         t = time.perf_counter()
         tmp = source.with_suffix(".partial.tif")
-        write_mosaic_pyramid(tmp, width, height, levels=max(1, int(math.log2(max(width, height) / 1000)) + 1))
+        write_mosaic_pyramid(tmp, width, height, levels=levels)
         tmp.rename(source)
         print(f"generated {source} ({source.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s",
               flush=True)

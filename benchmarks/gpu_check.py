@@ -104,13 +104,11 @@ def check_exactness(device: str, patches: np.ndarray) -> list[dict]:
 
 
 def pack_throughput(device: str, gigapixels: float, workers: int, work: Path) -> dict:
-    from bench_scale import pack_and_measure
+    from bench_scale import mosaic_shape, pack_and_measure
     from slides import write_mosaic_pyramid
-    width = int(math.sqrt(gigapixels * 1e9 * 4 / 3)) // 8 * 8
-    height = int(gigapixels * 1e9 / width) // 8 * 8
+    width, height, levels = mosaic_shape(gigapixels)
     t = time.perf_counter()
-    source = write_mosaic_pyramid(work / "mosaic.tif", width, height, compression=None,
-                                  levels=max(1, int(math.log2(max(width, height) / 1000)) + 1))
+    source = write_mosaic_pyramid(work / "mosaic.tif", width, height, compression=None, levels=levels)
     generated_s = time.perf_counter() - t
     result = pack_and_measure(source, work / "mosaic.zarr", workers, device)
     result.pop("summary")

@@ -26,8 +26,8 @@ def pack_slide(*args, **kwargs):  # imported lazily: it brings in Dask
 
 def __getattr__(name: str):  # imported on first use: torch (the batch API) or zarr's codec machinery
     if name in ("encode_patches", "decode_patches", "ideal_bits"):
-        from .coding import batch
-        return getattr(batch, name)
+        from . import coding
+        return getattr(coding, name)
     if name == "WsiIdf":
         from .storage.numcodecs_codec import WsiIdf
         return WsiIdf
