@@ -10,7 +10,7 @@ WSI := $(VENV)/bin/wsi-idf
 
 .PHONY: demo test test-slow bench bench-coders bench-pack bench-region bench-scale bench-progressive ablate train learning-curve clean-venv gpu-wheels gpu-check
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml wsi_idf/coding/_rans.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the pinned CPU build; a looser pin pulls several GB of CUDA packages
@@ -86,6 +86,10 @@ gpu-check: $(STAMP)  ## CUDA-vs-CPU exactness, GPU pack throughput, a training b
 else
 gpu-check:
 	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+	# the compiled rANS twin, when the machine has a compiler and Python's headers (else constriction codes)
+	-cc -O2 -shared -fPIC -I"$$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+		wsi_idf/coding/_rans.c -o "wsi_idf/coding/_rans$$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" \
+		|| echo "no compiled coder here: constriction writes the same bytes"
 	PYTHONPATH=/tmp/site:. WSI_IDF_DATA=$(CURDIR)/.gpu-data PYTHONUNBUFFERED=1 \
 		python3 benchmarks/gpu_check.py --device $(DEVICE) $(if $(SMALL),--small) --out $(GPU_OUT)
 endif

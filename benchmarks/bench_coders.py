@@ -4,6 +4,8 @@ Codes the split latents of real val patches (the shipped model's priors and 24-b
 stream per patch, on one thread, with
 - constriction as wsi-idf calls it (one prebuilt Categorical per table row, one call per row), on
   all of a patch's split latents at once, and wsi-idf's whole per-patch encode path for context;
+- wsi-idf's compiled twin of those calls (``wsi_idf.coding._rans``), checked to write the same bytes, on
+  the whole path: every stream slot of the batch in one call, and the decode path's pop per pass;
 - a ~100-line table-indexed rANS in C with the tables resident (``rans_prototype.c``, compiled
   here with the system C compiler; skipped without one), checked to round-trip exactly.
 Prints symbols/s and the Mpx/s they mean (3 sub-pixels a pixel), and the stream sizes.
@@ -80,6 +82,36 @@ def main() -> int:
     payloads = [streams.encode(lat, i) for i in range(len(patches))]
     rows.append(("today's whole path: LatentStreams.encode (top + per-pass calls, framing)",
                  time.perf_counter() - t, float("nan"), sum(len(b) for b in payloads)))
+
+    from wsi_idf.coding import compiled_rans
+    if compiled_rans.AVAILABLE:
+        streams.encode_batch(lat)  # warm (tables quantized once per model)
+        t = time.perf_counter()
+        payloads_c = streams.encode_batch(lat)
+        enc = time.perf_counter() - t
+        assert payloads_c == payloads, "the compiled coder must write constriction's bytes"
+        from wsi_idf.coding import patch_format as fmt
+        levels = len(lat.outs)
+        words = [fmt.unpack_streams(memoryview(b), levels + 1, levels + 1) for b in payloads_c]
+        t = time.perf_counter()
+        decoders = [compiled_rans.StreamDecoders([w[j] for w in words]) for j in range(levels + 1)]
+        top_rows, top_centres = streams.top_priors(lat.top.shape[1:])
+        n = len(patches)
+        top = decoders[0].pop(streams.top_tables.compiled, np.broadcast_to(top_rows, (n, top_rows.size)),
+                              np.broadcast_to(top_centres, (n, top_rows.size)))
+        popped = [top]
+        for k, level in enumerate(reversed(range(levels))):  # the decode path's calls: a pop per pass
+            r, c = (a.reshape(n, -1) for a in lat.priors[level])
+            out = np.zeros(r.shape, dtype=np.int64)
+            for mask in streams.flow.pass_masks(lat.outs[level].shape[1:]):
+                decoders[k + 1].pop(streams.split_tables.compiled, r, c, np.flatnonzero(mask), out)
+            popped.append(out)
+        dec = time.perf_counter() - t
+        assert np.array_equal(top, lat.top.reshape(n, -1))
+        assert all(np.array_equal(o, lat.outs[level].reshape(n, -1))
+                   for o, level in zip(popped[1:], reversed(range(levels))))
+        rows.append(("compiled twin (wsi_idf.coding._rans), whole path: encode_batch / a pop per pass, all streams",
+                     enc, dec, sum(len(b) for b in payloads_c)))
 
     from safetensors.numpy import load_file
     from wsi_idf.coding.registry import weights_file

@@ -61,10 +61,10 @@ def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int 
             latents = streams.latents(batch)
             t1 = time.perf_counter()
             timings["model_s"] = timings.get("model_s", 0.0) + t1 - t0
-            for i, patch in enumerate(batch):
+            payloads = streams.encode_batch(latents)
+            for i, (patch, payload) in enumerate(zip(batch, payloads)):
                 place = places[start + i]
                 crc = fmt.pixel_checksum(patch, place)
-                payload = streams.encode(latents, i)
                 # deflate costs ~0.4 ms a patch and wins on flat or synthetic content
                 plain = fmt.encode_plain(patch, coding_model.weights_id, crc, place)
                 blobs.append(plain if payload is None else

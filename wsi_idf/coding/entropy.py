@@ -8,9 +8,12 @@ prebuilt constriction model, which keeps Python overhead per patch small.
 """
 from __future__ import annotations
 
+import functools
+
 import constriction
 import numpy as np
 
+from .compiled_rans import CompiledTables, quantized_cdf
 from ..config import ESCAPE_BITS, PROB_BITS
 
 _ESCAPE_MODEL = constriction.stream.model.Uniform(2**ESCAPE_BITS)
@@ -25,6 +28,7 @@ class TableModels:
         freq = np.asarray(freq, dtype=np.int64)
         if (freq.sum(axis=1) != 2**PROB_BITS).any() or (freq < 1).any():
             raise ValueError("frequency rows must be >= 1 and sum to 2**PROB_BITS")
+        self.freq = freq
         self.window = (freq.shape[1] - 2) // 2
         self.escape = freq.shape[1] - 1
         probs = freq.astype(np.float64) / 2**PROB_BITS  # exact: dyadic rationals
@@ -32,6 +36,11 @@ class TableModels:
         self.bits = -np.log2(probs)  # information content, for NLL reports only
         # the most likely value of each row, as an offset from its centre (progressive previews)
         self.mode_offsets = np.argmax(freq[:, : 2 * self.window + 1], axis=1).astype(np.int64) - self.window
+
+    @functools.cached_property
+    def compiled(self) -> CompiledTables:
+        """The same models as constriction quantizes them, for the compiled coder (``compiled_rans``)."""
+        return CompiledTables(quantized_cdf(self.freq), self.window)
 
     def ideal_bits(self, values: np.ndarray, rows: np.ndarray, centres: np.ndarray) -> float:
         """Code length the tables assign to ``values`` (what an ideal entropy coder would write)."""
