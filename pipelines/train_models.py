@@ -20,12 +20,12 @@ from pathlib import Path
 
 from wsi_idf.model.data import data_dir
 from wsi_idf.coding.registry import MODELS
-from wsi_idf.model.training import TrainSettings, train_model
+from wsi_idf.model.training import CANDIDATES, TrainSettings, train_model
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", choices=sorted(MODELS))
+    parser.add_argument("models", nargs="+", choices=sorted({*MODELS, *CANDIDATES}))
     parser.add_argument("--data", action="append", type=Path, default=None, help="tiles/slides (repeatable)")
     parser.add_argument("--val", action="append", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=100000)
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("checkpoints"))
     parser.add_argument("--init-from", type=Path, default=None, help="a model file to continue or fine-tune")
+    parser.add_argument("--grow-from", type=Path, default=None,
+                        help="a smaller model file that a new run starts as (added capacity starts as no change)")
     parser.add_argument("--export-only", action="store_true", help="export the checkpoint as it is, no training")
     parser.add_argument("--no-export", action="store_true", help="train and checkpoint only")
     parser.add_argument("--quantize-from", type=int, default=0,
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or [data_dir() / "tiles" / "train"]
     val = args.val or [data_dir() / "tiles" / "val"]
     jobs = [dict(name=name, data=data, out=args.out, val=val, settings=settings, init_from=args.init_from,
+                 grow_from=args.grow_from,
                  device=args.device, export=not args.no_export) for name in args.models]
     if args.scheduler:
         from distributed import Client

@@ -77,3 +77,27 @@ def test_recipe_float_then_quantized_with_ema_and_resumable_optimizer(tmp_path):
           log=log.append)
     assert [r["step"] for r in log if "val_bpsp" in r] == [2, 4, 6] and log[-1]["lr"] == TrainSettings().lr_at(5)
     assert not torch.equal(load_file(str(ckpt))["optim.0.exp_avg"], moments)
+
+
+
+def test_grow_starts_a_larger_model_as_the_trained_smaller_one(val_patches, tmp_path):
+    """Added residual blocks start as no change (the NLL is identical); an added level starts as the
+    plain 5/3 wavelet under a fresh prior, and the grown model still exports to an exact coder."""
+    from wsi_idf.coding.batch import decode_patches, encode_patches
+    from wsi_idf.coding.registry import WEIGHTS_DIR, entry
+    from wsi_idf.config import WaveletConfig
+    from wsi_idf.model.export import export_model, load_float_model, new_float_model
+    from wsi_idf.model.flow import set_quantized
+    from wsi_idf.model.training import CANDIDATES, evaluate, grow
+
+    small = load_float_model(WEIGHTS_DIR / entry("fast").weights)
+    patches = val_patches[::100][:6]
+    deeper = grow(new_float_model(WaveletConfig(levels=3, blocks=2, prior_blocks=2)), small)
+    for m in (small, deeper):
+        set_quantized(m, True)
+    assert evaluate(deeper, patches) == evaluate(small, patches)
+    grown = grow(new_float_model(CANDIDATES["max"]), small)
+    coding = load_coding_model(export_model(grown, tmp_path, "max"), "cpu")
+    np.testing.assert_array_equal(decode_patches(encode_patches(patches, model=coding), model=coding), patches)
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow(new_float_model(WaveletConfig(levels=3, width=48)), small)

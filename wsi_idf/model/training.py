@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import WaveletConfig
 from .data import random_crops
 
 logger = logging.getLogger("wsi_idf.model.training")
@@ -236,6 +237,38 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.Module, be
     return int(state["step"].item()), float(state["best_val"].item()) if "best_val" in state else float("inf")
 
 
+# Configurations in training that are not shipped yet (a model is registered once it earns its name).
+# ``max``: the shipped fast model grown (``grow``) by a 4th level and a second residual block per network.
+CANDIDATES = {"max": WaveletConfig(levels=4, width=32, blocks=2, prior_width=32, prior_blocks=2, context_width=32)}
+
+
+def grow(model: torch.nn.Module, smaller: torch.nn.Module) -> torch.nn.Module:
+    """Start ``model`` as the trained ``smaller`` model, so that added capacity only learns improvements.
+
+    Every tensor of the same name and shape is copied. A residual block the smaller network lacks gets a
+    zero second convolution: it passes its input unchanged (activations are already clamped and on the
+    grid). Added levels start as the plain 5/3 wavelet (zero-initialized couplings); the top prior keeps
+    the smaller model's parameters. Widths must match.
+    """
+    from .flow import QuantNet
+    if model_kind(model) != model_kind(smaller):
+        raise ValueError(f"cannot grow a {model_kind(smaller)} model into a {model_kind(model)} model")
+    own, given = model.state_dict(), smaller.state_dict()
+    misfit = [k for k, v in given.items() if k in own and own[k].shape != v.shape]
+    lost = [k for k in given if k not in own]
+    if misfit or lost:
+        raise ValueError(f"cannot grow: {', '.join((misfit + lost)[:5])} do not fit the larger model")
+    model.load_state_dict({k: v for k, v in given.items()}, strict=False)
+    with torch.no_grad():
+        for name, net in model.named_modules():
+            if isinstance(net, QuantNet):
+                for i, (_, conv_b) in enumerate(net.blocks):
+                    if f"{name}.blocks.{i}.1.weight" not in given:
+                        conv_b.weight.zero_()
+                        conv_b.bias.zero_()
+    return model
+
+
 GROWABLE = ("context_priors.",)  # zero-initialized parts a checkpoint may lack: they start as no change
 
 
@@ -289,7 +322,7 @@ def _is_pyramid(path: Path) -> bool:
 
 def train_model(name: str, data: list[Path], out: Path, val: list[Path] | None = None,
                 settings: TrainSettings | None = None, init_from: Path | None = None, device: str = "cpu",
-                val_patches: int = 256, export: bool = True) -> dict:
+                val_patches: int = 256, export: bool = True, grow_from: Path | None = None) -> dict:
     """Train a registered configuration (or fine-tune a model file) and export its exact coding model.
 
     Checkpoints to ``out/{name}.ckpt.safetensors`` (rerun to continue), logs train and validation
@@ -297,6 +330,7 @@ def train_model(name: str, data: list[Path], out: Path, val: list[Path] | None =
     proves on the validation patches that the integer model round-trips exactly. Returns a summary
     with the float NLL and the bits the coding model actually writes. The exported weights are the
     EMA with the best validation NLL seen (``export=False`` only trains and checkpoints).
+    ``grow_from``: a smaller model file that a new run of a larger configuration starts as (``grow``).
     """
     from ..coding.batch import decode_patches, encode_patches
     from .data import grid_patches
@@ -304,7 +338,7 @@ def train_model(name: str, data: list[Path], out: Path, val: list[Path] | None =
     from ..coding.model_file import load_coding_model
     from ..coding.registry import MODELS, entry
     settings = settings or TrainSettings()
-    config = entry(name).config if name in MODELS or init_from is None else None
+    config = CANDIDATES.get(name) or (entry(name).config if name in MODELS or init_from is None else None)
     tiles, slides = find_training_data(list(data))
     val_tiles, _ = find_training_data(list(val or []))
     if not tiles and not slides:
@@ -312,6 +346,8 @@ def train_model(name: str, data: list[Path], out: Path, val: list[Path] | None =
     holdout = grid_patches(val_tiles) if val_tiles else grid_patches(tiles[-max(1, len(tiles) // 10):])
     holdout = np.ascontiguousarray(holdout[:: max(1, len(holdout) // val_patches)][:val_patches])
     model = load_float_model(init_from) if init_from else new_float_model(config)
+    if grow_from and not (out / f"{name}.ckpt.safetensors").exists():
+        model = grow(model, load_float_model(grow_from))
     out.mkdir(parents=True, exist_ok=True)
     model = train(model, CropSource(tiles, slides), holdout, settings, checkpoint=out / f"{name}.ckpt.safetensors",
                   device=device, log=log_to(out / f"{name}.log.jsonl"))
