@@ -80,7 +80,7 @@ def main() -> int:
     rows.append(("constriction, one call per table row, one stream", enc, dec, sum(w.nbytes for w in coded)))
     t = time.perf_counter()
     payloads = [streams.encode(lat, i) for i in range(len(patches))]
-    rows.append(("today's whole path: LatentStreams.encode (top + per-pass calls, framing)",
+    rows.append(("constriction on the whole path (the fallback): LatentStreams.encode per patch (top + per-pass calls, framing)",
                  time.perf_counter() - t, float("nan"), sum(len(b) for b in payloads)))
 
     from wsi_idf.coding import compiled_rans

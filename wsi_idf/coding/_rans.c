@@ -210,9 +210,9 @@ static PyObject *pop_segment(PyObject *self, PyObject *args) {
         if (sort_by_row(seg_rows, coded, &t, order, count)) { error = "pop_segment: a row is outside the table"; break; }
         int64_t escaped = 0;
         for (int64_t k = 0; k < coded; k++) {
-            int64_t i = picks[order[k]];
-            const uint32_t *row = t.cum + r[i] * (alphabet + 1);
-            const uint16_t *bucket = buckets + r[i] * (BUCKETS + 1);
+            int64_t i = picks[order[k]], ri = seg_rows[order[k]];
+            const uint32_t *row = t.cum + ri * (alphabet + 1);
+            const uint16_t *bucket = buckets + ri * (BUCKETS + 1);
             uint32_t q = (uint32_t)(state & mask);
             int64_t lo = bucket[q >> BUCKET_SHIFT], hi = (int64_t)bucket[(q >> BUCKET_SHIFT) + 1] + 1;
             if (hi > alphabet) hi = alphabet;
