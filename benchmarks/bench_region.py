@@ -35,13 +35,15 @@ from wsi_idf.model.data import data_dir
 
 SIDE = 1024
 FIRST_READ = """
-import resource, sys, time
+import sys, time
 t = time.perf_counter()
 import zarr
 a = zarr.open_group(sys.argv[1], mode="r")["0"]
 y, x = int(sys.argv[2]), int(sys.argv[3])
 r = a[:, y:y + {side}, x:x + {side}]
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child reports its parent's peak
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(time.perf_counter() - t, peak / 1024)
 """
 
 
