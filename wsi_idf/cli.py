@@ -216,7 +216,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                              time_limit_s=args.minutes * 60 if args.minutes else None)
     try:
         s = train_model(args.model, [Path(d) for d in data], args.out, val=[Path(v) for v in val] if val else None,
-                        settings=settings, init_from=args.init_from, device=args.device)
+                        settings=settings, init_from=args.init_from, device=args.device, grow_from=args.grow_from)
     except ValueError as exc:
         raise WsiIdfError(str(exc)) from exc
     _emit(args, s, f"exported {s['model']}: validation {s['val_coded_bpsp']} bits per sub-pixel written "
@@ -311,13 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Fine-tune a shipped model on a lab's own slides:\n"
                                    "  wsi-idf train fast --init-from wsi_idf/weights/fast-01b41279.safetensors "
                                    "--data /lab/slides --minutes 60 --out finetuned/")
-    p.add_argument("model", help="registered configuration (fast); the name of the exported file")
+    p.add_argument("model", help="registered configuration (fast) or candidate in training (max, grown from fast "
+                                 "with --grow-from); the name of the exported file")
     p.add_argument("--data", action="append", type=Path, default=None,
                    help="folder (or file) of tiles and/or slides; repeatable (default: the shared train tiles)")
     p.add_argument("--val", action="append", type=Path, default=None,
                    help="validation folder (default: the shared val tiles, or a tenth of the training tiles)")
     p.add_argument("--out", type=Path, default=Path("checkpoints"), help="checkpoints, log and exported model")
     p.add_argument("--init-from", type=Path, default=None, help="a model file to fine-tune (its float weights)")
+    p.add_argument("--grow-from", type=Path, default=None,
+                   help="a smaller model file that a new run of a larger configuration starts as (added blocks "
+                        "and levels start as no change)")
     p.add_argument("--steps", type=int, default=100000)
     p.add_argument("--minutes", type=float, default=None, help="stop (checkpointed) after this long")
     p.add_argument("--batch-size", type=int, default=32)
