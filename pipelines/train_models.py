@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize-from", type=int, default=0,
                         help="step from which training is quantization-aware (float before it)")
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--zoom", type=float, default=0.0, help="share of crops at half resolution (2x2 means)")
     parser.add_argument("--scheduler", default=None, help="run each model as a task on this Dask cluster")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     settings = TrainSettings(steps=0 if args.export_only else args.steps, batch_size=args.batch_size, lr=args.lr,
-                             eval_every=args.eval_every, quantize_from=args.quantize_from,
+                             eval_every=args.eval_every, quantize_from=args.quantize_from, zoom=args.zoom,
                              time_limit_s=args.minutes * 60 if args.minutes else None)
     data = args.data or [data_dir() / "tiles" / "train"]
     val = args.val or [data_dir() / "tiles" / "val"]

@@ -101,3 +101,13 @@ def test_grow_starts_a_larger_model_as_the_trained_smaller_one(val_patches, tmp_
     np.testing.assert_array_equal(decode_patches(encode_patches(patches, model=coding), model=coding), patches)
     with pytest.raises(ValueError, match="cannot grow"):
         grow(new_float_model(WaveletConfig(levels=3, width=48)), small)
+
+
+def test_zoomed_crops_are_pyramid_means_and_zoom_zero_draws_as_before():
+    from wsi_idf.model.data import random_crops
+    tile = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    plain = random_crops([tile], 8, np.random.default_rng(1))
+    assert np.array_equal(plain, random_crops([tile], 8, np.random.default_rng(1), zoom=0.0))
+    flat = np.zeros((400, 400, 3), np.uint8)
+    flat[::2, ::2] = 3  # 2x2 means of (3, 0, 0, 0) round half up to 1
+    assert (random_crops([flat], 8, np.random.default_rng(2), zoom=1.0) == 1).all()

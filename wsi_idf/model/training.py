@@ -37,6 +37,7 @@ class TrainSettings:
     time_limit_s: float | None = None  # stop early (and checkpoint) after this long
     cpu_limit_s: float | None = None  # or after this much process CPU time (same-budget comparisons)
     align: int = 1  # crop corners on this grid (8: the JPEG block grid most slides were scanned with)
+    zoom: float = 0.0  # share of tile crops taken at half resolution (2x2 means: a pyramid level's statistics)
     background_weight: float = 0.25  # loss weight of background crops: archives hold them, but they are easy
 
     def lr_at(self, step: int) -> float:
@@ -91,11 +92,11 @@ class CropSource:
             raise ValueError("no training data: no tiles and no slides")
         self.slide_share = slide_px / (tile_px + slide_px)
 
-    def sample(self, count: int, rng: np.random.Generator, align: int = 1) -> np.ndarray:
+    def sample(self, count: int, rng: np.random.Generator, align: int = 1, zoom: float = 0.0) -> np.ndarray:
         from_slides = int(rng.binomial(count, self.slide_share)) if self.slides else 0
         parts = []
         if count - from_slides:
-            parts.append(random_crops(self.tiles, count - from_slides, rng, align))
+            parts.append(random_crops(self.tiles, count - from_slides, rng, align, zoom))
         if from_slides:
             parts.append(self.slides.sample(from_slides, rng))
         return np.concatenate(parts)
@@ -161,7 +162,7 @@ def train(model: torch.nn.Module, tiles: list[np.ndarray] | CropSource, val_patc
         lr = settings.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        crops = source.sample(settings.batch_size, rng, settings.align)
+        crops = source.sample(settings.batch_size, rng, settings.align, settings.zoom)
         weights = torch.from_numpy(np.where(background_mask(crops), settings.background_weight, 1.0)).to(device)
         nll, _ = model(torch.from_numpy(crops).to(device))
         loss = (model.bits_per_subpixel(nll) * weights).sum() / weights.sum()
