@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import __version__
 from ..archive.layout import ARCHIVE_FORMAT, PREVIEW_MAX, PREVIEW_MIN, archive_sizes, ome_multiscale
-from ..storage.zarr_formats import FORMATS, write_atomic
+from ..storage.zarr_formats import FORMATS, remove_stale_temporaries, write_atomic
 from .cluster import Runner, runner, set_torch_threads
 from ..config import PATCH
 from ..errors import ArchiveError, SlideError, WsiIdfError
@@ -191,6 +191,7 @@ def prepare_output(out: Path, plan: dict, overwrite: bool, resume: bool, source:
             if earlier != plan:
                 raise ArchiveError(f"the unfinished pack at {partial} was started with another source or other "
                                    "settings; pass --overwrite to start again")
+            remove_stale_temporaries(partial)  # a shard write cut by the kill: the shard is redone
             return partial, True
         if not overwrite:
             raise ArchiveError(f"an unfinished pack exists at {partial}; pass --resume to finish it or "
