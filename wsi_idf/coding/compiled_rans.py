@@ -76,8 +76,8 @@ def encode_streams(tables: CompiledTables, values: np.ndarray, rows: np.ndarray,
     counts = np.zeros(streams, dtype=np.int64)
     # a symbol writes at most one word, an escaped one two; np.empty leaves the unwritten pages untouched
     out = np.empty(2 * streams * len(order) + 2 * streams + 16, dtype=np.uint32)
-    total = _encode_streams(values, rows, centres, streams, length, order, ends, tables.cdf,
-                                 tables.alphabet, tables.window, out, counts)
+    total = _encode_streams(values, rows, centres, streams, length, order, ends, tables.cdf, tables.alphabet,
+                            tables.window, out, counts)
     return np.split(out[:total], np.cumsum(counts)[:-1])
 
 
@@ -108,8 +108,8 @@ class StreamDecoders:
             raise ValueError("out must be C-contiguous int64 of the rows' shape")
         positions = _int64(np.arange(rows.shape[1]) if positions is None else positions)
         _pop_segment(self.words, self.starts, self.states, self.positions, self.damaged, rows, centres,
-                          rows.shape[0], rows.shape[1], positions, tables.cdf, tables.buckets, tables.alphabet,
-                          tables.window, out)
+                     rows.shape[0], rows.shape[1], positions, tables.cdf, tables.buckets, tables.alphabet,
+                     tables.window, out)
         return out
 
     def is_empty(self) -> np.ndarray:

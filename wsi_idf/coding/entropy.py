@@ -5,6 +5,9 @@ stack, ``pop`` them back with the same priors. Each prior is a row of integer fr
 over a window of offsets around a centre, plus an escape symbol; escaped values follow
 as 16-bit uniform symbols. Symbols sharing a row are coded in one call with one
 prebuilt constriction model, which keeps Python overhead per patch small.
+
+This is the reference coder; ``compiled_rans`` writes and reads the same words for a whole batch
+per call, and wsi-idf uses it whenever its extension is built.
 """
 from __future__ import annotations
 
