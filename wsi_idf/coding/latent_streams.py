@@ -138,10 +138,13 @@ class LatentStreams:
                 for i in np.flatnonzero(decoder.damaged):
                     errors.setdefault(int(i), "rANS stream is damaged (it ends in a zero word)")
 
+        def compiled_decoder(stream: int) -> compiled_rans.StreamDecoders:
+            decoders[stream].damaged[list(errors)] = 1  # patches found damaged so far are not popped further
+            return decoders[stream]
+
         def pop_all(stream: int, tables, rows, centres, shape) -> np.ndarray:
             if compiled:
-                decoders[stream].damaged[list(errors)] = 1
-                return decoders[stream].pop(tables.compiled, rows, centres).reshape(shape)
+                return compiled_decoder(stream).pop(tables.compiled, rows, centres).reshape(shape)
             values = np.zeros((len(coders), rows.shape[-1]), dtype=np.int64)
             for i, patch_coders in enumerate(coders):
                 if i in errors:
@@ -152,10 +155,6 @@ class LatentStreams:
                     errors[i] = f"rANS stream is damaged ({exc})"
             return values.reshape(shape)
 
-        def all_read(i: int) -> bool:
-            if compiled:
-                return all(decoder.is_empty()[i] for decoder in decoders)
-            return all(coder.is_empty() for coder in coders[i])
 
         top_shape = flow.top_shape
         rows, centres = (np.broadcast_to(a, (len(coders), a.size)) for a in self.top_priors(top_shape))
@@ -174,9 +173,8 @@ class LatentStreams:
                     if k:  # a later pass's priors see the latents of the earlier ones
                         params = flow.split_params_for(level, z, floats(out.reshape(shape)), params)
                     if compiled and stream < needed:  # straight from the priors into out: no copies
-                        decoders[stream].damaged[list(errors)] = 1
-                        decoders[stream].pop(split_tables.compiled, ints(params.rows), ints(params.centres),
-                                             np.flatnonzero(mask), out)
+                        compiled_decoder(stream).pop(split_tables.compiled, ints(params.rows), ints(params.centres),
+                                                     np.flatnonzero(mask), out)
                         continue
                     rows, centres = ints(params.rows)[:, mask], ints(params.centres)[:, mask]
                     if stream < needed:
@@ -189,8 +187,10 @@ class LatentStreams:
         pixels = flow.to_pixels(z).cpu().numpy().astype(np.int64)
         if needed < cfg.levels:
             return pixels.clip(0, 255).astype(np.uint8), errors
+        read = (np.logical_and.reduce([d.is_empty() for d in decoders]) if compiled
+                else [i in errors or all(coder.is_empty() for coder in coders[i]) for i in range(len(coders))])
         for i in range(len(coders)):
-            if i not in errors and not all_read(i):
+            if i not in errors and not read[i]:
                 errors[i] = "rANS stream has data left over after decoding: it is damaged"
             if i not in errors and (pixels[i].min() < 0 or pixels[i].max() > 255):
                 errors[i] = "decoded values leave the pixel range: the stream is damaged"
