@@ -12,6 +12,7 @@ import tifffile
 
 from conftest import DATA
 from wsi_idf.model.data import read_rgb
+from wsi_idf.slide import halve
 
 TILE_FOLDER = DATA / "tiles" / "train" / "monuseg"
 SLIDES = DATA / "slides"
@@ -32,12 +33,6 @@ def mosaic(height: int, width: int, seed: int = 0) -> np.ndarray:
             h, w = min(1000, height - y), min(1000, width - x)
             out[y:y + h, x:x + w] = tile[:h, :w]
     return out
-
-
-def halve(image: np.ndarray) -> np.ndarray:
-    h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
-    blocks = image[:h, :w].astype(np.uint32).reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3))
-    return ((blocks + 2) // 4).astype(np.uint8)
 
 
 def pyramid(base: np.ndarray, levels: int) -> list[np.ndarray]:

@@ -325,6 +325,13 @@ def tifffile_errors() -> Iterator[list[str]]:
         logger.removeHandler(handler)
 
 
+def halve(image: np.ndarray) -> np.ndarray:
+    """A pyramid's next level of an (h, w, 3) uint8 image: 2x2 means rounded half up (odd edges dropped)."""
+    h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+    blocks = image[:h, :w].astype(np.uint32).reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3))
+    return ((blocks + 2) // 4).astype(np.uint8)
+
+
 def composite(rgba: np.ndarray, background_rgb: tuple[int, int, int]) -> np.ndarray:
     """OpenSlide's RGBA (not premultiplied) over the slide's background colour, exactly in integers.
 

@@ -27,7 +27,7 @@ from ..outputs import PLAN_FILE, check_output, is_unfinished_pack, output_lock
 from ..coding.registry import default_device, entry, get_model, model_sha256, require_device
 from ..digests import file_sha256, level_checksum, region_digest
 from ..storage.shards import DEFAULT_SHARD, ShardBox, build_shard, cut_patches, shard_boxes
-from ..slide import LOSSY_COMPRESSIONS, Slide, SlideRef, cached_slide, level_as_dask, open_slide
+from ..slide import LOSSY_COMPRESSIONS, Slide, SlideRef, cached_slide, halve, level_as_dask, open_slide
 
 log = logging.getLogger("wsi_idf")
 
@@ -303,9 +303,7 @@ def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp, ma
         datasets.append((str(level), downsample))
         if max(image.shape[:2]) <= PREVIEW_MIN or min(image.shape[:2]) < 2:
             break
-        h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
-        blocks = image[:h, :w].astype(np.uint32).reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3))
-        image = ((blocks + 2) // 4).astype(np.uint8)
+        image = halve(image)
         downsample *= 2
         level += 1
     fmt = FORMATS[zarr_format]

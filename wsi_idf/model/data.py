@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import PATCH
+from ..slide import halve
 
 TILE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 
@@ -73,8 +74,8 @@ def random_crops(tiles: list[np.ndarray], count: int, rng: np.random.Generator, 
         y = rng.integers(0, (tile.shape[0] - side) // align + 1) * align
         x = rng.integers(0, (tile.shape[1] - side) // align + 1) * align
         crop = tile[y:y + side, x:x + side]
-        if side != PATCH:  # the 2x2 mean, rounded half up
-            crop = ((crop.reshape(PATCH, 2, PATCH, 2, -1).sum(axis=(1, 3), dtype=np.int32) + 2) // 4).astype(np.uint8)
+        if side != PATCH:
+            crop = halve(crop)
         crop = np.rot90(crop, k=int(rng.integers(4)))
         if rng.integers(2):
             crop = crop[:, ::-1]
