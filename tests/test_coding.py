@@ -239,3 +239,53 @@ def test_concurrent_calls_share_the_cores_and_give_them_back(val_patches):
     for t in threads:
         t.join()
     assert all(np.array_equal(r, val_patches[:8]) for r in results)
+
+
+@pytest.mark.parametrize("count,batch_size,workers", [(196, 64, 2), (64, 64, 2), (5, 64, 4), (1, 64, 2),
+                                                      (200, 64, 1), (129, 64, 3), (0, 64, 2), (7, 1, 2)])
+def test_split_batches_covers_every_item_in_near_equal_batches(count, batch_size, workers):
+    from wsi_idf.coding.threads import split_batches
+    batches = split_batches(count, batch_size, workers)
+    assert [i for b in batches for i in b] == list(range(count))
+    sizes = [len(b) for b in batches]
+    assert all(0 < s <= batch_size for s in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
+    assert len(batches) >= min(count, workers)  # every core gets a batch when there are enough items
+
+
+def test_batches_run_side_by_side_one_core_each_in_order(val_patches):
+    """With a share of two or more cores, batches run at once on one thread each; results keep their
+    order, the caller's thread count is untouched, and the bytes equal a one-at-a-time run."""
+    import threading
+
+    import torch
+
+    from wsi_idf.coding.threads import run_batches, shared_cores, usable_cores
+    if usable_cores() < 2:
+        pytest.skip("needs 2 cores to run batches side by side")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        both_running, seen = threading.Barrier(2, timeout=30), []
+
+        def run(batch):
+            both_running.wait()  # fails (BrokenBarrierError) unless two batches run at once
+            seen.append((threading.current_thread().name, torch.get_num_threads()))
+            return batch * 10
+
+        with shared_cores() as cores:
+            assert run_batches(run, [1, 2], cores) == [10, 20]
+        assert torch.get_num_threads() == 2
+        assert len({name for name, _ in seen}) == 2 and {t for _, t in seen} == {1}
+        with shared_cores() as cores:  # one at a time: the calling thread, all of its share
+            assert run_batches(lambda b: (threading.current_thread(), torch.get_num_threads()), [1, 2], cores,
+                               side_by_side=False) == [(threading.current_thread(), 2)] * 2
+        blobs = encode_patches(val_patches[:20], batch_size=5)
+        torch.set_num_threads(1)
+        assert encode_patches(val_patches[:20], batch_size=5) == blobs
+        torch.set_num_threads(2)
+        damaged = [blobs[i][:-4] if i in (13, 7) else blobs[i] for i in range(20)]
+        with pytest.raises(CorruptPatchError, match="patch 7 ") as info:  # the first damaged, whichever batch
+            decode_patches(damaged, batch_size=5)
+        assert info.value.index == 7
+    finally:
+        torch.set_num_threads(before)

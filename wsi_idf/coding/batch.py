@@ -18,9 +18,19 @@ from ..errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
 from .latent_streams import LatentStreams
 from .model_file import CodingModel
 from .registry import get_model
-from .threads import shared_cores
+from .threads import CoreShare, run_batches, shared_cores, split_batches
 
 ModelArg = str | Path | CodingModel | None
+
+
+def on_cpu(model: CodingModel) -> bool:
+    """Batches run side by side on CPU cores; a GPU takes them one at a time, each as large as allowed."""
+    return model.flow.device.type == "cpu"
+
+
+def batches(count: int, batch_size: int, model: CodingModel, cores: CoreShare) -> list[range]:
+    """On CPU at least one batch per core of the call's share; on a GPU batches of ``batch_size``."""
+    return split_batches(count, batch_size, cores.fit() if on_cpu(model) else 1)
 
 
 def check_patches(patches: np.ndarray) -> np.ndarray:
@@ -51,25 +61,28 @@ def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int 
     places = [fmt.position_bytes(None if positions is None else tuple(positions[i])) for i in range(len(patches))]
     coding_model = get_model(model, device)
     streams = LatentStreams(coding_model)
-    blobs: list[bytes] = []
     timings = timings if timings is not None else {}
+
+    def encode_batch(batch: range) -> tuple[list[bytes], float, float]:
+        t0 = time.perf_counter()
+        latents = streams.latents(patches[batch.start:batch.stop])
+        t1 = time.perf_counter()
+        payloads = streams.encode_batch(latents)
+        blobs = []
+        for i, payload in zip(batch, payloads):
+            crc = fmt.pixel_checksum(patches[i], places[i])
+            # deflate costs ~0.4 ms a patch and wins on flat or synthetic content
+            plain = fmt.encode_plain(patches[i], coding_model.weights_id, crc, places[i])
+            blobs.append(plain if payload is None else
+                         min(fmt.pack(fmt.Mode.IDF, coding_model.weights_id, crc, payload, places[i]), plain, key=len))
+        return blobs, t1 - t0, time.perf_counter() - t1
+
     with shared_cores() as cores:  # concurrent calls split the cores instead of oversubscribing them
-        for start in range(0, len(patches), max(1, batch_size)):
-            cores.fit()
-            batch = patches[start:start + batch_size]
-            t0 = time.perf_counter()
-            latents = streams.latents(batch)
-            t1 = time.perf_counter()
-            timings["model_s"] = timings.get("model_s", 0.0) + t1 - t0
-            payloads = streams.encode_batch(latents)
-            for i, (patch, payload) in enumerate(zip(batch, payloads)):
-                place = places[start + i]
-                crc = fmt.pixel_checksum(patch, place)
-                # deflate costs ~0.4 ms a patch and wins on flat or synthetic content
-                plain = fmt.encode_plain(patch, coding_model.weights_id, crc, place)
-                blobs.append(plain if payload is None else
-                             min(fmt.pack(fmt.Mode.IDF, coding_model.weights_id, crc, payload, place), plain, key=len))
-            timings["entropy_s"] = timings.get("entropy_s", 0.0) + time.perf_counter() - t1
+        done = run_batches(encode_batch, batches(len(patches), batch_size, coding_model, cores), cores,
+                           on_cpu(coding_model))
+    blobs = [blob for batch_blobs, _, _ in done for blob in batch_blobs]
+    timings["model_s"] = timings.get("model_s", 0.0) + sum(d[1] for d in done)
+    timings["entropy_s"] = timings.get("entropy_s", 0.0) + sum(d[2] for d in done)
     return blobs
 
 
@@ -134,16 +147,21 @@ def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: i
         if levels is not None and levels < coding_model.config.levels:
             preview.update(indices)
         streams = LatentStreams(coding_model)
+
+        def decode_batch(batch: range) -> tuple[list[int], np.ndarray, dict[int, str]]:
+            chunk = indices[batch.start:batch.stop]
+            pixels, errors = streams.decode([payloads[i] for i in chunk], [headers[i].version for i in chunk], levels)
+            return chunk, pixels, errors
+
         with shared_cores() as cores:
-            for start in range(0, len(indices), max(1, batch_size)):
-                cores.fit()
-                chunk = indices[start:start + batch_size]
-                pixels, errors = streams.decode([payloads[i] for i in chunk], [headers[i].version for i in chunk],
-                                                levels)
-                if errors:
-                    j = min(errors)
-                    raise CorruptPatchError(f"patch {chunk[j]} is damaged: {errors[j]}", index=chunk[j])
-                out[chunk] = pixels
+            done = run_batches(decode_batch, batches(len(indices), batch_size, coding_model, cores), cores,
+                               on_cpu(coding_model))
+        damaged = [(chunk[j], error) for chunk, _, errors in done for j, error in errors.items()]
+        if damaged:
+            i, error = min(damaged)
+            raise CorruptPatchError(f"patch {i} is damaged: {error}", index=i)
+        for chunk, pixels, _ in done:
+            out[chunk] = pixels
     for i, header in enumerate(headers):
         if i not in preview and fmt.header_checksum(header, out[i]) != header.crc32c:
             raise CorruptPatchError(f"patch {i} is damaged: pixel checksum (CRC32C) mismatch", index=i)

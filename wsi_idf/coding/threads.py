@@ -8,6 +8,11 @@ oversubscribed, because OpenMP threads spin-wait for each other. Two rules keep 
 - ``shared_cores``: before each batch, a call takes an equal share of the cores among the calls in
   flight in this process (never more than the caller's own ``torch.set_num_threads``), and gives
   it back after. torch keeps the thread count per calling thread: other threads are not disturbed.
+- ``run_batches``: a call with two or more cores runs its batches side by side, one core each,
+  rather than one at a time across all of them: the small convolutions of the flow (6 and 32
+  channels) spread poorly over OpenMP threads, and a batch's entropy decoding (compiled, without
+  the GIL) then overlaps another's network. Measured on 2 cores, 196 patches of a region: 0.84 s
+  one batch on 2 threads, 0.73-0.76 s as 2-4 batches side by side.
 - ``OMP_WAIT_POLICY=PASSIVE`` (set by ``wsi_idf/__init__`` unless the environment says otherwise,
   effective when wsi_idf is imported before torch): a waiting OpenMP thread sleeps instead of
   spinning, so another process using a core costs a share of speed, not nine tenths of it.
@@ -16,11 +21,15 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
+T = TypeVar("T")
+R = TypeVar("R")
 _lock = threading.Lock()
 _in_flight = 0
 
@@ -64,3 +73,37 @@ def shared_cores() -> Iterator[CoreShare]:
             torch.set_num_threads(before)
         with _lock:
             _in_flight -= 1
+
+
+def split_batches(count: int, batch_size: int, workers: int) -> list[range]:
+    """Cut ``count`` items into batches of at most ``batch_size``, at least one per worker, as equal
+    as they come (a region's 196 patches on 2 cores: 4 of 49, not 64, 64, 64 and 4)."""
+    if count <= 0:
+        return []
+    batches = -(-count // max(1, batch_size))
+    batches = -(-batches // workers) * workers if workers > 1 else batches
+    batches = min(batches, count)
+    bounds = [count * k // batches for k in range(batches + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def run_batches(run: Callable[[T], R], batches: Sequence[T], cores: CoreShare, side_by_side: bool = True) -> list[R]:
+    """``run`` on each batch, in order of the result list. With ``side_by_side`` (the network runs on
+    the CPU) and a share of two or more cores, the batches run that many at a time, one core each;
+    else one at a time on the whole share, re-fitted before each (``shared_cores``)."""
+    workers = min(len(batches), cores.fit()) if side_by_side else 1
+    if workers <= 1:
+        results = []
+        for batch in batches:
+            cores.fit()
+            results.append(run(batch))
+        return results
+    threads = max(1, cores.threads // workers)
+
+    def on_own_core(batch: T) -> R:
+        if torch.get_num_threads() != threads:  # per calling thread: the caller's count is untouched
+            torch.set_num_threads(threads)
+        return run(batch)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="wsi-idf-batch") as pool:
+        return list(pool.map(on_own_core, batches))
