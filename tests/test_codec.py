@@ -1,6 +1,7 @@
 """The wsi_idf Zarr codecs: config, numcodecs registry, v3 sharded and v2 arrays, plain-zarr reads."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -172,6 +173,16 @@ def test_damaged_chunk_in_shard_raises_and_neighbours_still_read(tmp_path, regio
     np.testing.assert_array_equal(arr[:, 80:160, 80:160], region[:, 80:160, 80:160])
 
 
+@pytest.mark.parametrize("device,batch", [("cpu", 16), ("cuda", 256), ("cuda:1", 256), (" CPU ", 16)])
+def test_zarr_batch_follows_the_decoding_device_without_torch(device, batch):
+    """16 patches per codec call on CPU, 256 where a GPU decodes; choosing never imports torch."""
+    code = ("import sys, zarr, wsi_idf.storage.zarr_codec; "
+            "print(zarr.config.get('codec_pipeline.batch_size'), 'torch' in sys.modules)")
+    env = dict(os.environ, WSI_IDF_DEVICE=device)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(batch), "False"]
+
+
 def test_codecs_pickle_as_configuration():
     import pickle
     for codec in (WsiIdf(), WsiIdfCodec()):
@@ -180,10 +191,10 @@ def test_codecs_pickle_as_configuration():
 
 
 def test_zarr_batches_chunks_through_the_codec(tmp_path, val_patches):
-    """zarr passes 64 chunks per codec call once wsi_idf's codec is loaded; results equal one at a time."""
+    """zarr passes a batch of chunks per codec call once wsi_idf's codec is loaded; results equal one at a time."""
     import zarr
-    from wsi_idf.storage.zarr_codec import DECODE_BATCH, WsiIdfCodec
-    assert zarr.config.get("codec_pipeline.batch_size") == DECODE_BATCH
+    from wsi_idf.storage.zarr_codec import WsiIdfCodec, decode_batch_size
+    assert zarr.config.get("codec_pipeline.batch_size") == decode_batch_size()
     image = val_patches[:16].reshape(4, 4, 3, 80, 80).transpose(2, 0, 3, 1, 4).reshape(3, 320, 320)
     arr = zarr.create_array(str(tmp_path / "b.zarr"), shape=image.shape, dtype="uint8", chunks=(3, 80, 80),
                             shards=(3, 320, 320), serializer=WsiIdfCodec(), compressors=None, fill_value=0)

@@ -92,8 +92,10 @@ class WsiIdf(Codec):
                 np.empty((0, *shape), np.uint8)
         from ..coding.batch import decode_patches
         model = self._coding_model  # the array's own weights missing is not chunk damage
+        # a GPU takes the whole request in one pass; CPU cores take it in batches side by side
+        batch_size = len(blobs) if model.flow.device.type != "cpu" else 64
         try:
-            return decode_patches(blobs, model=model)
+            return decode_patches(blobs, model=model, batch_size=batch_size)
         except WeightsMismatchError as exc:
             # the array pins its weights, so a chunk naming others has a damaged header
             raise CorruptPatchError(f"a chunk names other weights than its array ({exc}): the chunk is "
