@@ -6,7 +6,8 @@ the real data into ignored folders (.whl/, .gpu-data/); ``make gpu-check OUT=dir
 the wheels and runs this script, which
 
   a. encodes real val patches on the device with every registered model and checks the bytes
-     equal a CPU encode, then decodes them on CPU exactly (the "any machine" promise);
+     equal a CPU encode, then decodes them on CPU exactly (the "any machine" promise), and decodes
+     the CPU's bytes on the device exactly (the zarr codec decodes there when it can);
   b. packs a generated real-tissue slide (uncompressed TIFF, so no imagecodecs is needed) through
      the embedded Dask cluster with device workers: end-to-end and per-stage Mpx/s, peak RSS;
   c. spends the minutes left continuing the shipped model's training run on the device, writing
@@ -93,13 +94,19 @@ def check_exactness(device: str, patches: np.ndarray) -> list[dict]:
         seconds = time.perf_counter() - t
         same = sum(a == b for a, b in zip(cpu, dev))
         exact = bool(np.array_equal(decode_patches(dev, model=name, batch_size=256, device="cpu"), patches))
+        t = time.perf_counter()  # the zarr codec decodes on the GPU when there is one: CPU bytes, GPU pixels
+        device_exact = bool(np.array_equal(decode_patches(cpu, model=name, batch_size=256, device=device), patches))
+        decode_seconds = time.perf_counter() - t
         mpx = patches.shape[0] * patches.shape[2] * patches.shape[3] / 1e6
         rows.append({"model": name, "patches": len(patches), "identical_bytes": same, "cpu_decode_exact": exact,
-                     "encode_mpx_s": round(mpx / seconds, 2), "network_mpx_s": round(mpx / timings["model_s"], 2),
-                     "entropy_mpx_s": round(mpx / timings["entropy_s"], 2)})
-        if same != len(patches) or not exact:
+                     "device_decode_exact": device_exact, "encode_mpx_s": round(mpx / seconds, 2),
+                     "network_mpx_s": round(mpx / timings["model_s"], 2),
+                     "entropy_mpx_s": round(mpx / timings["entropy_s"], 2),
+                     "decode_mpx_s": round(mpx / decode_seconds, 2)})
+        if same != len(patches) or not exact or not device_exact:
             raise SystemExit(f"{name}: {device} bytes differ from CPU for {len(patches) - same} patches "
-                             f"(CPU decode exact: {exact}): the coding path is not reproducible")
+                             f"(CPU decode exact: {exact}, {device} decode exact: {device_exact}): "
+                             "the coding path is not reproducible")
     return rows
 
 
@@ -136,10 +143,12 @@ def training_burst(device: str, seconds: float, out: Path, data: Path, small: bo
 def table(result: dict) -> str:
     lines = [f"wsi-idf gpu-check: device {result['device']} ({result['device_name']}), torch {result['torch']}, "
              f"{platform.machine()}, {time.strftime('%Y-%m-%d')}", "",
-             "| model | patches | identical bytes (device vs CPU) | CPU decode exact | encode Mpx/s | network Mpx/s "
-             "| entropy Mpx/s |", "|---|---|---|---|---|---|---|"]
+             "| model | patches | identical bytes (device vs CPU) | CPU decode exact | device decode exact "
+             "| encode Mpx/s | network Mpx/s | entropy Mpx/s | device decode Mpx/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['patches']} | {r['identical_bytes']} | {r['cpu_decode_exact']} | "
-              f"{r['encode_mpx_s']} | {r['network_mpx_s']} | {r['entropy_mpx_s']} |" for r in result["exactness"]]
+              f"{r['device_decode_exact']} | {r['encode_mpx_s']} | {r['network_mpx_s']} | {r['entropy_mpx_s']} | "
+              f"{r['decode_mpx_s']} |" for r in result["exactness"]]
     pack = result["pack"]
     lines += ["", f"pack: {pack['level0']} level 0, {pack['megapixels_all_levels']} Mpx in {pack['seconds']} s = "
               f"**{pack['end_to_end_mpx_s']} Mpx/s end to end**, {pack['workers']} worker(s), "

@@ -34,7 +34,8 @@ def test_gpu_check_runs_on_cpu_in_small(tmp_path):
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
-    assert all(r["identical_bytes"] == r["patches"] and r["cpu_decode_exact"] for r in report["exactness"])
+    assert all(r["identical_bytes"] == r["patches"] and r["cpu_decode_exact"] and r["device_decode_exact"]
+               for r in report["exactness"])
     assert report["pack"]["end_to_end_mpx_s"] > 0 and report["training"]["last_step"] > 0
     assert (out / "fast.ckpt.safetensors").stat().st_size < 16 * 2**20  # what a device run may send back
     assert "identical bytes" in (out / "gpu_check.md").read_text()
