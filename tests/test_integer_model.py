@@ -107,3 +107,27 @@ def test_integer_model_codes_close_to_float_model(val_patches):
         float_bits = float(float_model(torch.from_numpy(val_patches))[0].sum())
     int_bits = float(ideal_bits(val_patches, model).sum())
     assert int_bits <= 1.03 * float_bits, (int_bits, float_bits)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_layer_matches_int64_at_its_exactness_bound(seed):
+    """A layer alone, at the edges the model file allows: shifts of either sign (folded into the
+    weights as powers of two), sums right below 2**24, and layers wide enough to sum input groups
+    in float64, against the independent int64 layer."""
+    from wsi_idf.coding.integer_flow import EXACT_FLOAT32, IntConv
+    rng = np.random.default_rng(seed)
+    cin, cout, k = [(6, 32, 3), (32, 32, 3), (32, 32, 1), (32, 18, 3), (300, 8, 3), (1200, 4, 1)][seed]
+    max_input = 256  # |input| of a first layer: -256 .. 255
+    weight = rng.integers(-127, 128, (cout, cin, k, k))
+    weight[:, :, 0, 0] = 127 * np.sign(weight[:, :, 0, 0] + 0.5)  # large fan-in sums
+    room = EXACT_FLOAT32 - 1 - np.abs(weight).sum(axis=(1, 2, 3)).clip(max=EXACT_FLOAT32 // max_input) * max_input
+    bias = (rng.integers(0, 2, cout) * 2 - 1) * np.maximum(room, 0).clip(max=EXACT_FLOAT32 - 1) // 2
+    shift = rng.integers(-3, 25, cout)
+    layer = IntConv.build(weight, bias, shift, max_input=max_input)
+    assert (layer.input_groups is not None) == (cin >= 300)
+    x = rng.choice([-256, -255, 0, 1, 254, 255], (2, cin, 7, 7)).astype(np.int64)
+    x[:, :, 3, 3] = -max_input  # one output's every input at the extreme
+    t = {"l.weight": weight.astype(np.int8), "l.bias": bias, "l.shift": shift}
+    expected = int_reference.layer(t, "l", x)
+    got = layer(torch.from_numpy(x.astype(np.float32)))
+    np.testing.assert_array_equal(got.numpy().astype(np.int64), expected)

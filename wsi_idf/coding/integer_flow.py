@@ -3,7 +3,8 @@
 Every quantity is an integer, carried in float32 only where every value and every partial
 sum is an integer below 2**24 in magnitude (bounded per layer by max|input| * sum|w| + |bias|),
 so any summation order gives the same exact result. Rescaling is by powers of two
-(``floor((acc + bias) * 2**-shift)``), which float32 also does exactly. A layer whose bound
+(``floor((acc + bias) * 2**-shift)``), which float32 also does exactly, so it is folded into
+the weights and bias: one convolution and a floor per layer. A layer whose bound
 is larger sums input-channel groups in float64. cuDNN (which may pick Winograd/FFT) and
 TF32 are switched off. The result is identical on every device, thread count and batch size.
 """
@@ -23,11 +24,11 @@ EXACT_FLOAT32 = 2**24
 
 @dataclass
 class IntConv:
-    """One integer convolution: y = floor((conv(x, w) + bias) * 2**-shift), clamped for output layers."""
+    """One integer convolution: y = floor((conv(x, w) + bias) * 2**-shift), clamped for output layers
+    (the rescaling folded into weights and bias: exact, see ``build``)."""
 
-    weight: torch.Tensor  # float32 holding int8 values, (cout, cin, k, k)
-    bias: torch.Tensor  # float32 holding integers, (1, cout, 1, 1)
-    factor: torch.Tensor  # float32 powers of two 2**-shift, (1, cout, 1, 1)
+    weight: torch.Tensor  # float32: int8 values times their output channel's 2**-shift, (cout, cin, k, k)
+    bias: torch.Tensor  # float32: integers times 2**-shift, (cout,)
     lo: torch.Tensor | None  # clamp bounds (1, cout, 1, 1) of an output layer, None for hidden layers
     hi: torch.Tensor | None
     input_groups: list[slice] | None  # None: one exact float32 conv; else groups summed in float64
@@ -53,23 +54,24 @@ class IntConv:
                 groups.append(slice(start, stop))
                 start = stop
         column = lambda a: None if a is None else torch.as_tensor(np.asarray(a, np.float32)).view(1, -1, 1, 1)
-        return cls(torch.as_tensor(weight, dtype=torch.float32), column(bias),
-                   column(np.ldexp(1.0, -shift)), column(lo), column(hi), groups)
+        # scaling by a power of two is exact in float: conv(x, w * 2**-s) + b * 2**-s is
+        # (conv(x, w) + b) * 2**-s exactly, every partial sum included, so the convolution rescales
+        factor = np.ldexp(1.0, -shift)
+        return cls(torch.as_tensor(weight * factor[:, None, None, None], dtype=torch.float32),
+                   torch.as_tensor(bias * factor, dtype=torch.float32), column(lo), column(hi), groups)
 
     def to(self, device: torch.device) -> "IntConv":
         move = lambda t: None if t is None else t.to(device)
-        return IntConv(move(self.weight), move(self.bias), move(self.factor), move(self.lo), move(self.hi),
-                       self.input_groups)
+        return IntConv(move(self.weight), move(self.bias), move(self.lo), move(self.hi), self.input_groups)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: float32 integers (B, cin, H, W) -> float32 integers (B, cout, H, W)."""
         pad = self.weight.shape[-1] // 2
         if self.input_groups is None:
-            acc = F.conv2d(x, self.weight, padding=pad).add_(self.bias)
-            y = acc.mul_(self.factor).floor_()
+            y = F.conv2d(x, self.weight, self.bias, padding=pad).floor_()
         else:
             acc = sum(F.conv2d(x[:, g], self.weight[:, g], padding=pad).double() for g in self.input_groups)
-            y = acc.add_(self.bias.double()).mul_(self.factor.double()).floor_().float()
+            y = acc.add_(self.bias.double().view(1, -1, 1, 1)).floor_().float()
         if self.lo is not None:
             y = torch.clamp(y, self.lo, self.hi)
         return y
