@@ -6,8 +6,9 @@ batches (one shard at a time) so the network runs batched on CPU or GPU.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -18,9 +19,13 @@ from ..errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
 from .latent_streams import LatentStreams
 from .model_file import CodingModel
 from .registry import get_model
-from .threads import CoreShare, run_batches, shared_cores, split_batches
+from .threads import run_batches, shared_cores, split_batches
 
 ModelArg = str | Path | CodingModel | None
+T = TypeVar("T")
+
+
+DEFAULT_BATCH = 64
 
 
 def on_cpu(model: CodingModel) -> bool:
@@ -28,9 +33,13 @@ def on_cpu(model: CodingModel) -> bool:
     return model.flow.device.type == "cpu"
 
 
-def batches(count: int, batch_size: int, model: CodingModel, cores: CoreShare) -> list[range]:
-    """On CPU at least one batch per core of the call's share; on a GPU batches of ``batch_size``."""
-    return split_batches(count, batch_size, cores.fit() if on_cpu(model) else 1)
+def in_batches(run: Callable[[range], T], count: int, batch_size: int, model: CodingModel) -> list[T]:
+    """``run`` on batches of ``count`` items on this call's share of the cores: on CPU at least one
+    batch per core, side by side; on a GPU batches of ``batch_size``, one at a time."""
+    side_by_side = on_cpu(model)
+    with shared_cores() as cores:  # concurrent calls split the cores instead of oversubscribing them
+        return run_batches(run, split_batches(count, batch_size, cores.fit() if side_by_side else 1), cores,
+                           side_by_side)
 
 
 def check_patches(patches: np.ndarray) -> np.ndarray:
@@ -43,7 +52,7 @@ def check_patches(patches: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(patches)
 
 
-def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int = 64,
+def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int = DEFAULT_BATCH,
                    device: str | torch.device | None = "cpu", timings: dict[str, float] | None = None,
                    positions: Sequence[fmt.Position] | None = None) -> list[bytes]:
     """Encode uint8 patches of shape (N, 3, 80, 80) to one self-describing byte string each.
@@ -77,9 +86,7 @@ def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int 
                          min(fmt.pack(fmt.Mode.IDF, coding_model.weights_id, crc, payload, places[i]), plain, key=len))
         return blobs, t1 - t0, time.perf_counter() - t1
 
-    with shared_cores() as cores:  # concurrent calls split the cores instead of oversubscribing them
-        done = run_batches(encode_batch, batches(len(patches), batch_size, coding_model, cores), cores,
-                           on_cpu(coding_model))
+    done = in_batches(encode_batch, len(patches), batch_size, coding_model)
     blobs = [blob for batch_blobs, _, _ in done for blob in batch_blobs]
     timings["model_s"] = timings.get("model_s", 0.0) + sum(d[1] for d in done)
     timings["entropy_s"] = timings.get("entropy_s", 0.0) + sum(d[2] for d in done)
@@ -101,7 +108,7 @@ def check_levels(levels: int | None, model: CodingModel) -> None:
                                 f"{model.name!r}, got {levels}")
 
 
-def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: int = 64,
+def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: int = DEFAULT_BATCH,
                    device: str | torch.device | None = "cpu", levels: int | None = None,
                    positions: Sequence[fmt.Position] | None = None) -> np.ndarray:
     """Decode byte strings from ``encode_patches`` to uint8 (N, 3, 80, 80).
@@ -153,9 +160,7 @@ def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: i
             pixels, errors = streams.decode([payloads[i] for i in chunk], [headers[i].version for i in chunk], levels)
             return chunk, pixels, errors
 
-        with shared_cores() as cores:
-            done = run_batches(decode_batch, batches(len(indices), batch_size, coding_model, cores), cores,
-                               on_cpu(coding_model))
+        done = in_batches(decode_batch, len(indices), batch_size, coding_model)
         damaged = [(chunk[j], error) for chunk, _, errors in done for j, error in errors.items()]
         if damaged:
             i, error = min(damaged)

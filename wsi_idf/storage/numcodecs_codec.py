@@ -90,10 +90,10 @@ class WsiIdf(Codec):
             from .source_tiles import decode_chunk
             return np.stack([decode_chunk(blob, tuple(shape)) for blob in blobs]) if blobs else \
                 np.empty((0, *shape), np.uint8)
-        from ..coding.batch import decode_patches
+        from ..coding.batch import DEFAULT_BATCH, decode_patches, on_cpu
         model = self._coding_model  # the array's own weights missing is not chunk damage
         # a GPU takes the whole request in one pass; CPU cores take it in batches side by side
-        batch_size = len(blobs) if model.flow.device.type != "cpu" else 64
+        batch_size = DEFAULT_BATCH if on_cpu(model) else max(DEFAULT_BATCH, len(blobs))
         try:
             return decode_patches(blobs, model=model, batch_size=batch_size)
         except WeightsMismatchError as exc:
