@@ -248,7 +248,8 @@ def test_split_batches_covers_every_item_in_near_equal_batches(count, batch_size
     batches = split_batches(count, batch_size, workers)
     assert [i for b in batches for i in b] == list(range(count))
     sizes = [len(b) for b in batches]
-    assert all(0 < s <= batch_size for s in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
+    # side by side, the batches in work at once hold at most batch_size items together
+    assert all(0 < s <= max(1, batch_size // workers) for s in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
     assert len(batches) >= min(count, workers)  # every core gets a batch when there are enough items
 
 

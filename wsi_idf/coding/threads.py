@@ -76,11 +76,13 @@ def shared_cores() -> Iterator[CoreShare]:
 
 
 def split_batches(count: int, batch_size: int, workers: int) -> list[range]:
-    """Cut ``count`` items into batches of at most ``batch_size``, at least one per worker, as equal
-    as they come (a region's 196 patches on 2 cores: 4 of 49, not 64, 64, 64 and 4)."""
+    """Cut ``count`` items into near-equal batches, at least one per worker. ``batch_size`` bounds the
+    items in the network at once, so side by side each of the ``workers`` batches holds its share:
+    memory stays what one batch of ``batch_size`` needs (a region's 196 patches at 64 on 2 cores:
+    8 batches of 24-25, two at a time)."""
     if count <= 0:
         return []
-    batches = -(-count // max(1, batch_size))
+    batches = -(-count // max(1, batch_size // max(1, workers)))
     batches = -(-batches // workers) * workers if workers > 1 else batches
     batches = min(batches, count)
     bounds = [count * k // batches for k in range(batches + 1)]
