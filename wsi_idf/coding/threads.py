@@ -13,6 +13,13 @@ oversubscribed, because OpenMP threads spin-wait for each other. Two rules keep 
   channels) spread poorly over OpenMP threads, and a batch's entropy decoding (compiled, without
   the GIL) then overlaps another's network. Measured on 2 cores, 196 patches of a region: 0.84 s
   one batch on 2 threads, 0.73-0.76 s as 2-4 batches side by side.
+- ``keep_freed_memory``: glibc returns each freed tensor of more than a few hundred kB to the
+  system and page-faults a fresh one in for the next layer; keeping them in the heap for reuse
+  (``mallopt``: mmap threshold 64 MB, trim threshold 256 MB, set on the first coding call unless
+  the environment sets ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_``) made one-thread
+  decoding 1.44-1.51 -> 1.14-1.19 s for a region's 196 patches and encoding 0.82 -> 1.03-1.10
+  Mpx/s, with system time 1.19 -> 0.16 s and a second decode of 32 patches faulting 0 pages
+  instead of ~23,000; a first region read's peak RSS rose 450 -> 500 MB.
 - ``OMP_WAIT_POLICY=PASSIVE`` (set by ``wsi_idf/__init__`` unless the environment says otherwise,
   effective when wsi_idf is imported before torch): a waiting OpenMP thread sleeps instead of
   spinning, so another process using a core costs a share of speed, not nine tenths of it.
@@ -57,11 +64,42 @@ class CoreShare:
         return threads
 
 
+MMAP_THRESHOLD = 64 << 20  # above the largest activation of a CPU batch (256 patches: 52 MB)
+TRIM_THRESHOLD = 256 << 20
+_allocator_tuned: bool | None = None  # None: not tried yet
+
+
+def keep_freed_memory() -> bool:
+    """Once per process, on glibc: serve tensors from the heap and keep freed ones for reuse instead of
+    unmapping them (see the module docstring). Returns whether the allocator is tuned."""
+    global _allocator_tuned
+    if _allocator_tuned is None:
+        _allocator_tuned = _tune_allocator()
+    return _allocator_tuned
+
+
+def _tune_allocator() -> bool:
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False  # the user's (or their platform's) choice stands
+    try:
+        import ctypes
+        import platform
+        if platform.libc_ver()[0] != "glibc":
+            return False
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(libc.mallopt(m_trim_threshold,
+                                                                                           TRIM_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 @contextmanager
 def shared_cores() -> Iterator[CoreShare]:
     """Run one coding call on its share of the cores (call ``fit()`` before each batch)."""
     global _in_flight
     with _lock:
+        keep_freed_memory()
         _in_flight += 1
     before = torch.get_num_threads()
     share = CoreShare(before)
