@@ -73,7 +73,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from wsi_idf.jobs.cluster import start_local_cluster
     work = args.work or Path(tempfile.mkdtemp(prefix="wsi-idf-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     slides = [CMU_SVS, TCGA_SVS]
@@ -89,8 +91,7 @@ def main() -> None:
                             str(width), str(height)], check=True)
         slides.append(path)
     rows = []
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with start_local_cluster(args.workers) as cluster, Client(cluster) as client:
         for path in slides:  # the lossy SVS files both ways: their own tiles kept (auto), and their pixels coded
             for codec in (("auto", "idf") if path.suffix == ".svs" else ("auto",)):
                 rows.append(bench_slide(path, work, client, args.model, codec))

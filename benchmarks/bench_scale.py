@@ -42,12 +42,13 @@ def pack_and_measure(source: Path, out: Path, workers: int, device: str, model: 
                      scheduler: str | None = None) -> dict:
     """Pack ``source`` with the IDF on a local cluster of ``workers`` (or ``scheduler``): Mpx/s end to
     end and per stage, peak RSS of every process. Also used by ``gpu_check.py``."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from wsi_idf.jobs.cluster import start_local_cluster
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
     gpu = {"GPU": 1} if device.startswith("cuda") else None  # pack sends CUDA tasks only to GPU workers
-    cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0",
-                                                   resources=gpu)
+    cluster = None if scheduler else start_local_cluster(workers, gpu)  # the cluster `wsi-idf pack` starts
     with Client(scheduler or cluster) as client:
         workers = len(client.scheduler_info()["workers"])
         summary = pack_slide(source, out, model=model, device=device, scheduler=client.scheduler.address,

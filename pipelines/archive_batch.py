@@ -160,14 +160,8 @@ def cluster_address(args: argparse.Namespace) -> Iterator[str]:
             cluster.scale(jobs=args.slurm_jobs)
             yield cluster.scheduler_address
         return
-    import logging as _logging
-
-    from distributed import LocalCluster
-
-    from wsi_idf.jobs.cluster import default_workers
-    workers = args.workers or default_workers()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0",
-                      silence_logs=_logging.ERROR) as cluster:
+    from wsi_idf.jobs.cluster import default_workers, start_local_cluster
+    with start_local_cluster(args.workers or default_workers()) as cluster:
         yield cluster.scheduler_address
 
 

@@ -302,8 +302,9 @@ def test_freed_tensors_are_reused_not_faulted_in_again(val_patches, tmp_path):
         pytest.skip("the allocator setting is glibc's mallopt")
     np.save(tmp_path / "x.npy", val_patches[:32])
     code = f"""
-import resource, numpy as np, torch
+import os, resource, numpy as np, torch
 torch.set_num_threads(1)
+os.environ["MALLOC_TRIM_THRESHOLD_"] = "65536"  # as Dask's nanny leaves it: not how this process started
 from wsi_idf import decode_patches, encode_patches
 from wsi_idf.coding.threads import keep_freed_memory
 blobs = encode_patches(np.load({str(tmp_path / 'x.npy')!r}))

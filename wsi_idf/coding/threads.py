@@ -78,8 +78,32 @@ def keep_freed_memory() -> bool:
     return _allocator_tuned
 
 
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def allocator_chosen_at_start() -> bool:
+    """Whether this process started with MALLOC_* set: glibc applied those, and that choice stands.
+    Read from /proc/self/environ, the environment at start: Dask's nanny later writes its own
+    MALLOC_TRIM_THRESHOLD_ into ``os.environ`` of the process that starts workers."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            names = {item.split(b"=", 1)[0].decode(errors="replace") for item in f.read().split(b"\0")}
+    except OSError:
+        names = set(os.environ)
+    return any(k in names for k in ALLOCATOR_ENV)
+
+
+def allocator_environ() -> dict[str, str]:
+    """The same setting as environment variables, for worker processes wsi-idf starts itself (Dask's
+    nanny would otherwise give them MALLOC_TRIM_THRESHOLD_=65536, the slowest choice for the flow);
+    empty when this process started with its own choice (the workers inherit it)."""
+    if allocator_chosen_at_start():
+        return {}
+    return dict(zip(ALLOCATOR_ENV, (str(MMAP_THRESHOLD), str(TRIM_THRESHOLD))))
+
+
 def _tune_allocator() -> bool:
-    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+    if allocator_chosen_at_start():
         return False  # the user's (or their platform's) choice stands
     try:
         import ctypes

@@ -76,7 +76,7 @@ def runner(scheduler: str | None = None, workers: int | None = None, device: str
     if scheduler == IN_PROCESS:
         yield Runner(None, None, torch.get_num_threads())
         return
-    from distributed import Client, LocalCluster
+    from distributed import Client
     if scheduler:
         wanted = resources or ({"GPU": 1} if device.startswith("cuda") else None)
         try:
@@ -100,13 +100,30 @@ def runner(scheduler: str | None = None, workers: int | None = None, device: str
         threads = max(1, cores // n_workers)
     log.info("starting a local Dask cluster: %d worker process(es), %d torch thread(s) each%s",
              n_workers, threads, ", GPU" if gpu_here else "")
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                           resources=resources or ({"GPU": 1} if gpu_here else None), silence_logs=logging.ERROR)
+    cluster = start_local_cluster(n_workers, resources or ({"GPU": 1} if gpu_here else None))
     try:
         with Client(cluster) as client:
             yield Runner(client, resources or ({"GPU": 1} if gpu_here else None), threads)
     finally:
         cluster.close()
+
+
+def start_local_cluster(n_workers: int, resources: dict[str, float] | None = None):
+    """A local cluster of ``n_workers`` processes of one task thread each, whose processes start with
+    wsi-idf's allocator setting (``coding.threads.allocator_environ``) instead of Dask's
+    MALLOC_TRIM_THRESHOLD_=65536, which unmaps and faults in every large tensor afresh."""
+    import dask
+    from distributed import LocalCluster
+
+    from ..coding.threads import allocator_environ
+    ours = allocator_environ()
+    # Dask lets os.environ override this config, and its nannies write it into os.environ: a cluster
+    # started earlier in this process has left its value there. The nannies would write ours anyway.
+    os.environ.update(ours)
+    spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ours}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):  # read as the nannies start
+        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                            resources=resources, silence_logs=logging.ERROR)
 
 
 def set_torch_threads(threads: int) -> None:
