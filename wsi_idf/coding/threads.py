@@ -16,7 +16,8 @@ oversubscribed, because OpenMP threads spin-wait for each other. Two rules keep 
 - ``keep_freed_memory``: glibc returns each freed tensor of more than a few hundred kB to the
   system and page-faults a fresh one in for the next layer; keeping them in the heap for reuse
   (``mallopt``: mmap threshold 64 MB, trim threshold 256 MB, set on the first coding call unless
-  the environment sets ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_``) made one-thread
+  the process started with ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_``; worker
+  processes wsi-idf starts get them as environment variables, ``allocator_environ``) made one-thread
   decoding 1.44-1.51 -> 1.14-1.19 s for a region's 196 patches and encoding 0.82 -> 1.03-1.10
   Mpx/s, with system time 1.19 -> 0.16 s and a second decode of 32 patches faulting 0 pages
   instead of ~23,000; a first region read's peak RSS rose 450 -> 500 MB.
@@ -66,6 +67,7 @@ class CoreShare:
 
 MMAP_THRESHOLD = 64 << 20  # above the largest activation of a CPU batch (256 patches: 52 MB)
 TRIM_THRESHOLD = 256 << 20
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _allocator_tuned: bool | None = None  # None: not tried yet
 
 
@@ -77,8 +79,6 @@ def keep_freed_memory() -> bool:
         _allocator_tuned = _tune_allocator()
     return _allocator_tuned
 
-
-ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def allocator_chosen_at_start() -> bool:
