@@ -23,8 +23,6 @@ from .threads import run_batches, shared_cores, split_batches
 
 ModelArg = str | Path | CodingModel | None
 T = TypeVar("T")
-
-
 DEFAULT_BATCH = 64
 
 
@@ -155,18 +153,18 @@ def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: i
             preview.update(indices)
         streams = LatentStreams(coding_model)
 
-        def decode_batch(batch: range) -> tuple[list[int], np.ndarray, dict[int, str]]:
+        def decode_batch(batch: range) -> list[tuple[int, str]]:
+            """Decodes into ``out`` (batches own disjoint rows); returns (patch index, error) of damaged ones."""
             chunk = indices[batch.start:batch.stop]
-            pixels, errors = streams.decode([payloads[i] for i in chunk], [headers[i].version for i in chunk], levels)
-            return chunk, pixels, errors
+            out[chunk], errors = streams.decode([payloads[i] for i in chunk], [headers[i].version for i in chunk],
+                                                levels)
+            return [(chunk[j], error) for j, error in errors.items()]
 
-        done = in_batches(decode_batch, len(indices), batch_size, coding_model)
-        damaged = [(chunk[j], error) for chunk, _, errors in done for j, error in errors.items()]
+        damaged = [d for batch_damage in in_batches(decode_batch, len(indices), batch_size, coding_model)
+                   for d in batch_damage]
         if damaged:
             i, error = min(damaged)
             raise CorruptPatchError(f"patch {i} is damaged: {error}", index=i)
-        for chunk, pixels, _ in done:
-            out[chunk] = pixels
     for i, header in enumerate(headers):
         if i not in preview and fmt.header_checksum(header, out[i]) != header.crc32c:
             raise CorruptPatchError(f"patch {i} is damaged: pixel checksum (CRC32C) mismatch", index=i)
