@@ -21,7 +21,7 @@ EPILOG = """exit codes:
   0   success
   1   a wsi-idf error: unreadable or unsupported input, damaged data, model weights mismatch
   2   usage error
-  3   verify found damaged or differing pixels
+  3   verify found damaged or differing pixels; restore's file differs from the source's sha256
   130 interrupted (an interrupted pack is finished with --resume)
 
 examples:
@@ -29,6 +29,7 @@ examples:
   wsi-idf verify slide.zarr --source slide.svs  decode everything, compare with the source pixels
   wsi-idf region slide.zarr --level 0 --x 1000 --y 2000 --width 512 --height 512 -o region.png
   wsi-idf unpack slide.zarr -o slide.tif        back to a tiled pyramidal TIFF (every level in OpenSlide)
+  wsi-idf restore slide.zarr -o slide.svs       the source file itself, byte for byte (sha256 checked)
 """
 
 EXIT_VERIFY_FAILED = 3
@@ -124,7 +125,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
         s = pack_slide(args.slide, args.output, model=args.model, device=args.device, backend=args.backend,
                        shard=args.shard, zarr_format=args.zarr_format, drop_label=args.drop_label,
                        overwrite=args.overwrite, resume=args.resume, scheduler=args.scheduler, workers=args.workers,
-                       resources=args.resources, progress=not args.quiet, codec=args.codec)
+                       resources=args.resources, progress=not args.quiet, codec=args.codec,
+                       restorable=args.restorable)
     except KeyboardInterrupt:
         print(f"wsi-idf: interrupted; the unfinished archive is kept at {partial_path(args.output)}: "
               "run the same command with --resume to finish it", file=sys.stderr)
@@ -134,10 +136,16 @@ def cmd_pack(args: argparse.Namespace) -> int:
             f"{s['bits_per_subpixel']} bits per sub-pixel, {s['seconds']} s")
     text += "\nstorage   " + "; ".join(f"level {i}: {_storage(lv)}" for i, lv in enumerate(s["storage"]))
     if s["archive_bytes"] > s["source_bytes"]:
-        text += ("\nnote: the archive is larger than the source file because the source is stored lossily "
-                 "(e.g. JPEG): the archive keeps exactly the decoded pixels, which a lossy file only approximates; "
-                 "--codec auto keeps the file's own tiles instead, pixel-exact and smaller"
-                 if s["source_lossy"] else "\nnote: the archive is larger than the source file")
+        coded = [str(i) for i, lv in enumerate(s["storage"]) if lv["storage"] != "source"]
+        why = ("the source is stored lossily (e.g. JPEG) and level(s) " + ", ".join(coded) + " were coded from "
+               "their decoded pixels, which a lossy file only approximates" if s["source_lossy"] and coded else
+               "of the restore data (--restorable)" if s["restorable"] and not s["source_lossy"] else None)
+        hint = ("; --codec auto keeps a file's own JPEG or JPEG 2000 tiles instead, pixel-exact and smaller"
+                if args.codec == "idf" else "")
+        text += f"\nnote: the archive is larger than the source file" + (f" because {why}" if why else "") + hint
+    text += ("\nrestore   `wsi-idf restore` gives the source file back byte for byte "
+             f"({_mb(s['restore_bytes'])} of the archive)" if s["restorable"]
+             else f"\nrestore   not restorable: {s['not_restorable_why']}")
     if s["skipped_levels"]:
         text += f"\nnote: {s['skipped_levels']} source level(s) left out; see `wsi-idf info`"
     if s["resumed"]:
@@ -185,11 +193,29 @@ def cmd_info(args: argparse.Namespace) -> int:
                      f"{_mb(lv['encoded_bytes'])}, {_storage(lv)}")
     for lv in s["skipped_levels"]:
         lines.append(f"left out  source level {lv['level']} ({lv['width']} x {lv['height']}): {lv['reason']}")
+    restore = s["restore"]
+    lines.append("restore   " + (f"restorable: `wsi-idf restore` gives {src['name']} back byte for byte "
+                                 f"({_mb(restore.get('stored_bytes', 0))} of restore data)"
+                                 if restore.get("restorable") else f"not restorable: {restore.get('why')}"))
     lines.append(f"images    {', '.join(s['associated']) or 'none'}"
                  + (" (label dropped)" if s["label_dropped"] else ""))
     lines.append(f"size      {_sizes(s['archive_bytes'], s['raw_bytes'], src['size'], s['source_lossy'])}, "
                  f"{s['bits_per_subpixel']} bits per sub-pixel")
     _emit(args, s, "\n".join(lines))
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .archive.restore import RestoreMismatchError, restore_file
+    try:
+        s = restore_file(args.archive, args.output, overwrite=args.overwrite, progress=not args.quiet)
+    except RestoreMismatchError as exc:
+        if args.json:
+            print(json.dumps({"archive": str(args.archive), "ok": False, "error": str(exc)}))
+        print(f"wsi-idf: error: {exc}", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+    _emit(args, s, f"{s['archive']} -> {s['restored']}: {s['source']}, {s['bytes']:,} bytes, sha256 {s['sha256'][:16]}... "
+                   "equal to the source's")
     return 0
 
 
@@ -293,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing wsi-idf archive, once the new "
                                                             "one is complete (never a file or another folder)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted pack of the same slide")
+    p.add_argument("--restorable", action="store_true",
+                   help="also keep the bytes of levels coded from their pixels (deflate, LZW, OpenSlide-read "
+                        "formats), so that `wsi-idf restore` gives the source file back: a larger archive. "
+                        "Archives whose levels all keep their tiles are restorable without it")
     p.add_argument("--resources", type=_resources, default=None, metavar="NAME=N[,...]",
                    help="run encoding only on Dask workers declaring these resources (e.g. GPU=1; "
                         "implied by --device cuda)")
@@ -353,6 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="the TIFF to write (e.g. slide.tif)")
     p.add_argument("--overwrite", action="store_true", help="replace a TIFF that wsi-idf unpack wrote earlier")
     p.set_defaults(func=cmd_unpack)
+
+    p = sub.add_parser("restore", parents=[common], help="write the archive's source file back, byte for byte",
+                       description="Write the slide file the archive was packed from, byte for byte: its kept tiles "
+                                   "from their chunks, everything else from the archive's restore data. The file is "
+                                   "written beside OUTPUT under a temporary name and renamed into place only once "
+                                   "its sha256 equals the one recorded at pack time (else exit 3, nothing left). "
+                                   "`wsi-idf info` says whether an archive is restorable.")
+    p.add_argument("archive", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="the file to write (e.g. slide.svs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUTPUT only if it already holds the source's exact bytes (nothing else is replaced)")
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("info", parents=[common], help="describe an archive: source, levels, model, sizes")
     p.add_argument("archive", type=Path)

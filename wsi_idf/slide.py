@@ -68,6 +68,11 @@ class SourceSegments:
     width: int
     across: int  # tiles per row (1 for strips)
     count: int
+    stack: int = 1  # restart intervals (NDPI) stacked into one square chunk, one above the other
+
+    @property
+    def chunk_height(self) -> int:
+        return self.height * self.stack
 
 
 class Slide:
@@ -117,6 +122,10 @@ class Slide:
 
     def read_segments(self, level: int | str, indices: list[int]) -> list[bytes]:
         """The stored bytes of tiles or strips ``indices`` of a level or associated image."""
+        raise NotImplementedError
+
+    def segment_offsets(self, level: int | str) -> tuple[np.ndarray, np.ndarray]:
+        """File offsets and byte counts of every tile or strip of a level or associated image."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -232,6 +241,14 @@ class TiffSlide(Slide):
         coding = page_coding(page)
         if coding is None:
             return None
+        if coding.header is not None:  # NDPI: restart intervals as tiles, stacked into square chunks
+            height, width = page.tilelength, page.tilewidth
+            if width % height or not 16 <= width <= MAX_TILE:
+                return None
+            across = -(-page.imagewidth // width)
+            if len(page.dataoffsets) != -(-page.imagelength // height) * across:
+                return None
+            return SourceSegments(coding, height, width, across, len(page.dataoffsets), stack=width // height)
         if page.is_tiled:
             height, width = page.tilelength, page.tilewidth
             across = -(-page.imagewidth // width)
@@ -242,6 +259,10 @@ class TiffSlide(Slide):
         if len(page.dataoffsets) != -(-page.imagelength // height) * across:
             return None
         return SourceSegments(coding, height, width, across, len(page.dataoffsets))
+
+    def segment_offsets(self, level: int | str) -> tuple[np.ndarray, np.ndarray]:
+        page = self._page(level)
+        return np.asarray(page.dataoffsets, dtype=np.int64), np.asarray(page.databytecounts, dtype=np.int64)
 
     def read_segments(self, level: int | str, indices: list[int]) -> list[bytes]:
         page = self._page(level)

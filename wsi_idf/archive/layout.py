@@ -188,6 +188,9 @@ def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
     _int(path, "source size", source.get("size"), 0, 2**62)
     _hex(path, "source sha256", source.get("sha256"), 64)
     _dict(path, "source decoder", source.get("decoder"))
+    restore = meta.get("restore")
+    if restore is not None and not isinstance(_dict(path, "restore", restore).get("restorable"), bool):
+        raise _damaged(path, "restore restorable", "must be true or false")
 
 
 def tree_size(path: Path) -> int:

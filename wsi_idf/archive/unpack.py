@@ -117,6 +117,7 @@ def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, 
 def archive_info(path: str | Path) -> dict:
     """What an archive holds: source and provenance, levels, model, sizes, physical pixel size."""
     from .layout import archive_sizes
+    from .restore import restore_info
     from ..slide import LOSSY_COMPRESSIONS
     archive = open_archive(path)
     meta = archive.metadata
@@ -131,4 +132,5 @@ def archive_info(path: str | Path) -> dict:
             "vendor": slide["vendor"], "icc_profile": bool(slide.get("icc_profile")),
             "associated": meta["associated"], "label_dropped": meta["label_dropped"],
             "properties": len(slide["properties"]), **{k: v for k, v in sizes.items() if k != "source_bytes"},
-            "source_lossy": meta["source"]["decoder"].get("compression", "") in LOSSY_COMPRESSIONS}
+            "source_lossy": meta["source"]["decoder"].get("compression", "") in LOSSY_COMPRESSIONS,
+            "restore": restore_info(meta)}

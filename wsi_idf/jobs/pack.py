@@ -65,7 +65,7 @@ def plan_layouts(slide: Slide, codec: str, shard: int, zarr_format: int) -> list
                                    "use --codec auto, which codes such levels with the IDF")
             layouts.append(LevelLayout("idf", PATCH, shard))
         else:
-            tile = segments.height
+            tile = segments.chunk_height
             layouts.append(LevelLayout("source", tile, tile * max(1, shard // tile), segments.coding.kind))
     return layouts
 
@@ -125,26 +125,38 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
 
 def keep_source_shard(box: ShardBox, job: ShardJob, layout: LevelLayout) -> dict:
     """Task: one shard of a ``source`` level: the source's own tiles, kept bit-exactly (JPEG
-    recompressed with JPEG XL), each checked by decoding it as tifffile does."""
-    from ..storage.source_tiles import Layout, encode_segment, max_chunk_bytes
+    recompressed with JPEG XL), each checked by decoding it as tifffile does. The record lists, per
+    kept segment, the piece of its chunk that gives its bytes back (``wsi-idf restore``)."""
+    from ..storage.source_tiles import Layout, encode_intervals, encode_segment, max_chunk_bytes
     t0 = time.perf_counter()
     slide = cached_slide(job.slide)
     segments = slide.source_segments(box.level)
     tile, per_side = layout.chunk, layout.shard // layout.chunk
     rows, cols = -(-(box.y1 - box.y0) // tile), -(-(box.x1 - box.x0) // tile)
     cells = [(box.y0 // tile + r, box.x0 // tile + c) for r in range(rows) for c in range(cols)]
-    raw = slide.read_segments(box.level, [r * segments.across + c for r, c in cells])
+    tile_rows = segments.count // segments.across
+    members = [[(r * segments.stack + k) * segments.across + c for k in range(segments.stack)
+                if r * segments.stack + k < tile_rows] for r, c in cells]
+    raw = iter(slide.read_segments(box.level, [i for group in members for i in group]))
     t1 = time.perf_counter()
     region = np.empty((rows * tile, cols * tile, 3), dtype=np.uint8)
-    blobs = []
-    for (r, c), data in zip(cells, raw):
-        blob, pixels = encode_segment(data, segments.coding, (tile, tile), Layout.PLANAR, (box.level, r, c))
+    blobs, pieces, source_bytes = [], [], 0
+    for (r, c), group in zip(cells, members):
+        data = [next(raw) for _ in group]
+        source_bytes += sum(map(len, data))
+        if segments.stack > 1:
+            blob, pixels, kept = encode_intervals(data, segments.coding, group, segments.count, Layout.PLANAR,
+                                                  (box.level, r, c), (tile, tile))
+        else:
+            blob, pixels, kept = encode_segment(data[0], segments.coding, (tile, tile), Layout.PLANAR,
+                                                (box.level, r, c))
         if len(blob) > max_chunk_bytes(tile, tile):
             raise SlideError(f"level {box.level} tile ({r}, {c}) takes {len(blob)} bytes, more than twice its raw "
                              "pixels: it cannot be kept; use --codec idf")
         blobs.append(blob)
+        pieces += [piece_record(i, (r, c), piece) for i, piece in zip(group, kept)]
         y, x = (r - box.y0 // tile) * tile, (c - box.x0 // tile) * tile
-        region[y:y + tile, x:x + tile] = pixels
+        region[y:y + pixels.shape[0], x:x + pixels.shape[1]] = pixels
     region = region[:box.y1 - box.y0, :box.x1 - box.x0]
     present = np.zeros((per_side, per_side), dtype=bool)
     present[:rows, :cols] = True
@@ -152,10 +164,15 @@ def keep_source_shard(box: ShardBox, job: ShardJob, layout: LevelLayout) -> dict
     write_atomic(FORMATS[job.zarr_format].chunk_file(Path(job.root), box.level, box.row, box.col),
                  build_shard(blobs, present))
     record = {"shard": box.name, "digest": region_digest(region).hex(), "encoded_bytes": sum(map(len, blobs)),
-              "patches": len(blobs), "source_bytes": sum(map(len, raw))}
+              "patches": len(blobs), "source_bytes": source_bytes, "pieces": pieces}
     write_atomic(record_path(Path(job.root), box), json.dumps(record).encode())
     timings = {"read_s": t1 - t0, "entropy_s": t2 - t1, "write_s": time.perf_counter() - t2}
     return {**record, "timings": timings, "worker": worker_name()}
+
+
+def piece_record(segment: int, cell: tuple[int, int], piece) -> list:
+    """[segment index, chunk row, chunk column, start, stop, prefix hex, suffix hex]: JSON for a shard's record."""
+    return [segment, cell[0], cell[1], piece.start, piece.stop, piece.prefix.hex(), piece.suffix.hex()]
 
 
 def worker_name() -> str | None:
@@ -215,16 +232,18 @@ def create_levels(root: Path, slide: Slide, model: str, weights: str, layouts: l
 
 
 def write_associated(root: Path, slide: Slide, drop_label: bool, zarr_format: int, keep_source: bool = False,
-                     model: str = "fast", weights: str | None = None) -> list[str]:
+                     model: str = "fast", weights: str | None = None) -> tuple[list[str], dict[str, list]]:
     """Label, macro and thumbnail images, losslessly; the label is left out on request.
 
     In zstd by default; with ``keep_source`` (Zarr v3) a JPEG image keeps its own strips or tiles
     (recompressed with JPEG XL) and any other is stored as one lossless JPEG XL chunk, through the
-    ``wsi_idf`` codec: several times smaller, and a plain zarr reader with wsi-idf installed reads them."""
+    ``wsi_idf`` codec: several times smaller, and a plain zarr reader with wsi-idf installed reads them.
+    Returns the names written and, per image whose segments were kept, their pieces (``piece_record``)."""
     import zarr
     names = [n for n in slide.associated_names() if not (drop_label and n == "label")]
+    pieces: dict[str, list] = {}
     if not names:
-        return []
+        return [], pieces
     fmt = FORMATS[zarr_format]
     fmt.write_group(root / "associated", {"wsi_idf": {"associated": names}})
     for name in names:
@@ -234,11 +253,13 @@ def write_associated(root: Path, slide: Slide, drop_label: bool, zarr_format: in
             arr = zarr.create_array(store=str(folder), **fmt.standard_array_kwargs(image.shape, ("y", "x", "c")))
             arr[...] = image
             continue
-        write_associated_source(folder, slide, name, model, weights)
-    return names
+        kept = write_associated_source(folder, slide, name, model, weights)
+        if kept:
+            pieces[f"associated/{name}"] = kept
+    return names, pieces
 
 
-def write_associated_source(folder: Path, slide: Slide, name: str, model: str, weights: str | None) -> None:
+def write_associated_source(folder: Path, slide: Slide, name: str, model: str, weights: str | None) -> list:
     import zarr
     from ..storage.source_tiles import Layout, encode_pixels, encode_segment
     from ..storage.zarr_codec import WsiIdfCodec
@@ -247,23 +268,25 @@ def write_associated_source(folder: Path, slide: Slide, name: str, model: str, w
     segments = slide.source_segments(name)
     if segments is not None and segments.coding.kind == "jpeg":
         ch, cw, across = segments.height, segments.width, segments.across
-        chunks = {}
+        chunks, pieces = {}, []
         for i, data in enumerate(slide.read_segments(name, list(range(segments.count)))):
             r, c = divmod(i, across)
             true = (min(ch, h - r * ch), min(cw, w - c * cw))
-            blob, pixels = encode_segment(data, segments.coding, true, Layout.INTERLEAVED, chunk=(ch, cw))
+            blob, pixels, kept = encode_segment(data, segments.coding, true, Layout.INTERLEAVED, chunk=(ch, cw))
             if not np.array_equal(pixels, image[r * ch:r * ch + true[0], c * cw:c * cw + true[1]]):
                 raise ArchiveError(f"the {name} image's own segments do not decode to its pixels; "
                                    "use --codec idf")
             chunks[(r, c)] = blob
+            pieces.append(piece_record(i, (r, c), kept[0]))
     else:
         ch, cw = h, w
-        chunks = {(0, 0): encode_pixels(image, Layout.INTERLEAVED)}
+        chunks, pieces = {(0, 0): encode_pixels(image, Layout.INTERLEAVED)}, []
     zarr.create_array(store=str(folder), shape=(h, w, 3), chunks=(ch, cw, 3), dtype="uint8", fill_value=0,
                       serializer=WsiIdfCodec(model=model, weights=weights), compressors=None, zarr_format=3,
                       dimension_names=("y", "x", "c"), overwrite=True)
     for (r, c), blob in chunks.items():
         write_atomic(FORMATS[3].small_chunk_file(folder, (r, c, 0)), blob)
+    return pieces
 
 
 PREVIEW_MAX_SOURCE = 512  # when levels keep their compact source tiles, a zstd preview would dominate the archive
@@ -315,12 +338,16 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
                backend: str = "auto", shard: int = DEFAULT_SHARD, zarr_format: int = 3, drop_label: bool = False,
                overwrite: bool = False, resume: bool = False, scheduler: str | None = None,
                workers: int | None = None, resources: dict[str, float] | None = None,
-               progress: bool = False, codec: str = "auto") -> dict:
+               progress: bool = False, codec: str = "auto", restorable: bool = False) -> dict:
     """Pack ``source`` into the archive ``out``; return a summary (sizes, ratios, bits per sub-pixel, time).
 
     ``codec``: ``auto`` keeps the source's own tiles where they are lossy (JPEG, JPEG 2000: smaller
     than re-coding their pixels, still pixel-exact) and codes other levels with the IDF;
     ``idf`` codes every level with the IDF; ``source`` keeps every level's tiles or refuses.
+
+    When every level keeps its tiles, the archive also gives the source file back byte for byte
+    (``wsi-idf restore``: what is not a kept tile is stored once, in zstd). A level coded from its
+    pixels cannot give its own bytes back: ``restorable=True`` stores them too (a larger archive).
 
     Bad input raises before anything is written. A failed or interrupted pack leaves only
     ``OUT.partial``, which ``resume=True`` finishes; ``OUT`` appears only when complete.
@@ -341,7 +368,9 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
     slide = open_slide(source, backend)
     with slide:  # the client reads metadata and associated images; workers open their own handles
         layouts = plan_layouts(slide, codec, shard, zarr_format)
+        not_restorable = restore_obstacle(slide, layouts, drop_label)
         plan = make_plan(slide, source, model_entry.name, weights, shard, zarr_format, drop_label, layouts)
+        plan["restorable"] = restorable
         if not out.parent.exists():
             try:
                 out.parent.mkdir(parents=True)
@@ -357,12 +386,16 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
                     with runner(scheduler, workers, device, resources) as run:
                         records, stats = run_shards(run, slide, root, model_entry.name, weights, device, layouts,
                                                     zarr_format, progress)
-                    associated = write_associated(root, slide, drop_label, zarr_format, keep_source=codec != "idf",
-                                                  model=model_entry.name, weights=weights)
+                    associated, pieces = write_associated(root, slide, drop_label, zarr_format,
+                                                          keep_source=codec != "idf", model=model_entry.name,
+                                                          weights=weights)
                     preview_levels = write_preview(
                         root, slide, zarr_format, source.stem, slide.info.mpp,
                         PREVIEW_MAX_SOURCE if any(layout.storage == "source" for layout in layouts) else PREVIEW_MAX)
                     sha256 = source_hash.result()
+                    restore = write_restore_data(root, slide, source, layouts, records, pieces, sha256,
+                                                 zarr_format, not_restorable, restorable)
+                    check_unchanged(source, plan["source"])
             except SlideError:
                 shutil.rmtree(root, ignore_errors=True)  # the source is unreadable: resuming cannot help
                 raise
@@ -396,7 +429,7 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
                                "backend": slide.backend, "decoder": info.pop("decoder")},
                     "slide": info, "levels": level_meta, "skipped_levels": slide.skipped_levels,
                     "associated": associated, "label_dropped": drop_label and "label" in slide.associated_names(),
-                    "preview": {"path": "preview", "levels": preview_levels}}
+                    "preview": {"path": "preview", "levels": preview_levels}, "restore": restore}
             multiscale = ome_multiscale(source.stem, [(str(i), lv.downsample) for i, lv in enumerate(slide.levels)],
                                         slide.info.mpp)
             fmt = FORMATS[zarr_format]
@@ -409,6 +442,44 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
             summary["shards"], summary["shards_reused"] = stats["shards"], stats["shards_reused"]
             summary["workers"] = sorted(str(w) for w in stats["workers"] if w is not None)
             return summary
+
+
+def check_unchanged(source: Path, recorded: dict) -> None:
+    """Refuse a source that changed while it was packed (replaced, still being copied): the archive
+    would mix two files and record a sha256 that matches neither."""
+    stat = source.stat()
+    if stat.st_size != recorded["size"] or stat.st_mtime_ns != recorded["mtime_ns"]:
+        raise SlideError(f"{source.name} changed while it was packed (size {recorded['size']} -> {stat.st_size} "
+                         "bytes, or its modification time); nothing was written: pack it again once it is complete")
+
+
+def restore_obstacle(slide: Slide, layouts: list[LevelLayout], drop_label: bool) -> str | None:
+    """Why the archive cannot give the source file back without ``--restorable`` (None: it can)."""
+    if drop_label and "label" in slide.associated_names():
+        return "its label was dropped (--drop-label), and a restored file would carry it"
+    coded = [str(i) for i, layout in enumerate(layouts) if layout.storage != "source"]
+    if coded:
+        return (f"level(s) {', '.join(coded)} are coded from their pixels, which cannot give the source's own "
+                "bytes back; pack with --restorable to keep those bytes too")
+    return None
+
+
+def write_restore_data(root: Path, slide: Slide, source: Path, layouts: list[LevelLayout], records: dict[str, dict],
+                       pieces: dict[str, list], sha256: str, zarr_format: int, obstacle: str | None,
+                       restorable: bool) -> dict:
+    """``restore/`` (``archive.restore``) when the archive can give its source back, else why not."""
+    from ..archive.restore import write_restore
+    if obstacle is not None and (not restorable or obstacle.startswith("its label")):
+        return {"restorable": False, "why": obstacle}
+    pieces = dict(pieces)
+    offsets = {}
+    for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):
+        if layout.storage == "source":
+            pieces[str(i)] = [p for box in shard_boxes(i, lv.height, lv.width, layout.shard)
+                              for p in records[box.name]["pieces"]]
+    for name in pieces:
+        offsets[name] = slide.segment_offsets(int(name) if name.isdigit() else name.split("/", 1)[1])
+    return write_restore(root, source, offsets, pieces, sha256, zarr_format)
 
 
 def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, device: str,
@@ -458,4 +529,5 @@ def summarize(out: Path, meta: dict, slide: Slide, seconds: float, resumed: bool
                         for lv in meta["levels"]],
             "source_lossy": compression in LOSSY_COMPRESSIONS or slide.backend == "openslide" and
             slide.info.vendor in {"aperio", "hamamatsu", "mirax", "leica", "philips", "ventana"},
-            "resumed": resumed}
+            "resumed": resumed, "restorable": bool(meta["restore"].get("restorable")),
+            "restore_bytes": meta["restore"].get("stored_bytes", 0), "not_restorable_why": meta["restore"].get("why")}

@@ -9,7 +9,14 @@ losslessly costs several times the file; keeping the tiles costs less than the f
   imagecodecs, the same colour-space choice), so the pixels are tifffile's, never libjxl's.
   A tile JPEG XL cannot rebuild exactly is kept as JPEG.
 - JPEG 2000 tiles are kept as they are and decoded as tifffile does (OpenJPEG via imagecodecs).
+- JPEG with restart markers (NDPI): tifffile reads each restart interval (one MCU row of a
+  band, e.g. 8x3968) as a tile. A chunk stacks the intervals of one square (e.g. 3968x3968: 496
+  intervals) into one JPEG stream, its markers renumbered, recompressed with JPEG XL like a
+  tile; reading splits it at the markers and decodes each interval with the call tifffile makes.
 - Associated images that are not JPEG (e.g. an LZW label) are stored as lossless JPEG XL.
+
+Each kept segment's own bytes come back from its chunk (``Piece``: a slice of the chunk's stream
+between a small prefix and suffix), which is what ``wsi-idf restore`` rebuilds the source file from.
 
 Each chunk is a patch-format blob (mode ``SOURCE``): the usual header with the CRC32C of its
 decoded pixels and its position, then a 4-byte source header (kind, JPEG colour spaces, pixel
@@ -44,6 +51,8 @@ class Kind(IntEnum):
     JPEG = 2  # a JPEG stream kept as it is
     JPEG2000 = 3  # a JPEG 2000 codestream kept as it is
     PIXELS_JPEGXL = 4  # pixels in lossless JPEG XL (associated images without a lossy source)
+    INTERVALS_AS_JPEGXL = 5  # restart intervals stacked into one JPEG stream, losslessly recompressed
+    INTERVALS = 6  # the same stream kept as it is
 
 
 class Layout(IntEnum):
@@ -58,6 +67,20 @@ class TileCoding:
     tables: bytes | None  # JPEGTables
     colorspace: int | None  # tifffile's jpeg_decode arguments
     outcolorspace: int | None
+    header: bytes | None = None  # a restart interval's JPEG header (tifffile's NDPI ``jpegheader``)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """How one source segment's bytes come back from its chunk's stream: ``prefix + stream[start:stop]
+    + suffix`` (e.g. SOI + the tile after its merged JPEGTables; an interval and its restart marker)."""
+    start: int
+    stop: int
+    prefix: bytes = b""
+    suffix: bytes = b""
+
+    def rebuild(self, stream: bytes) -> bytes:
+        return self.prefix + stream[self.start:self.stop] + self.suffix
 
 
 def page_coding(page) -> TileCoding | None:
@@ -73,7 +96,8 @@ def page_coding(page) -> TileCoding | None:
                                                            page.extrasamples, page.is_jfif)
         if not all(v is None or isinstance(v, int) and 0 <= v < 255 for v in (colorspace, outcolorspace)):
             return None
-    return TileCoding(kind, page.jpegtables, colorspace, outcolorspace)
+    header = getattr(page, "jpegheader", None)
+    return TileCoding(kind, page.jpegtables, colorspace, outcolorspace, bytes(header) if header else None)
 
 
 def merge_tables(segment: bytes, tables: bytes | None) -> bytes:
@@ -83,6 +107,89 @@ def merge_tables(segment: bytes, tables: bytes | None) -> bytes:
     if tables[:2] != b"\xff\xd8" or tables[-2:] != b"\xff\xd9" or segment[:2] != b"\xff\xd8":
         raise ValueError("JPEG segment or tables without SOI/EOI markers")
     return segment[:2] + tables[2:-2] + segment[2:]
+
+
+SOI, EOI = b"\xff\xd8", b"\xff\xd9"
+
+
+def restart_marker(index: int) -> bytes:
+    """RSTn, n = index mod 8: the marker that ends restart interval ``index`` of a scan."""
+    return bytes((0xFF, 0xD0 + index % 8))
+
+
+def stack_intervals(segments: list[bytes], header: bytes, tile_height: int, indices: list[int], total: int
+                    ) -> tuple[bytes, list[Piece]]:
+    """One JPEG stream of restart intervals ``indices`` of ``total`` in the scan (each ``tile_height``
+    rows), one above the other, and the pieces that give each interval's own bytes back.
+
+    Each stored interval ends with its restart marker (RSTn of its index in the scan, EOI for the
+    last); in the stream the markers are renumbered from 0 and the last becomes EOI."""
+    sof = _sof_offset(header)
+    stream = [header[:sof], (tile_height * len(segments)).to_bytes(2, "big"), header[sof + 2:]]
+    at = len(header)
+    pieces = []
+    for k, (segment, index) in enumerate(zip(segments, indices, strict=True)):
+        own = EOI if index == total - 1 else restart_marker(index)
+        if segment[-2:] != own:
+            raise ValueError(f"restart interval {index} does not end with its marker {own.hex()}")
+        body = segment[:-2]
+        stream += [body, EOI if k == len(segments) - 1 else restart_marker(k)]
+        pieces.append(Piece(at, at + len(body), b"", own))
+        at += len(body) + 2
+    return b"".join(stream), pieces
+
+
+def _sof_offset(header: bytes) -> int:
+    """Offset of the SOF's height field in a JPEG header (tifffile's ``ndpi_jpeg_tile`` patches the same)."""
+    i = 2
+    while i + 4 <= len(header):
+        if header[i] != 0xFF:
+            break
+        marker, length = header[i + 1], int.from_bytes(header[i + 2:i + 4], "big")
+        if marker == 0xC0:
+            return i + 5
+        i += 2 + length
+    raise ValueError("no baseline SOF in the JPEG header")
+
+
+def split_intervals(stream: bytes) -> tuple[bytes, list[bytes]]:
+    """The header (through SOS) and the restart intervals (each with its marker) of a stacked stream."""
+    i = 2
+    while True:
+        if i + 4 > len(stream) or stream[i] != 0xFF:
+            raise ValueError("JPEG header without a start of scan")
+        marker, length = stream[i + 1], int.from_bytes(stream[i + 2:i + 4], "big")
+        i += 2 + length
+        if marker == 0xDA:
+            break
+    header, intervals, start = stream[:i], [], i
+    data = np.frombuffer(stream, dtype=np.uint8)
+    marks = np.flatnonzero((data[i:-1] == 0xFF) & (((data[i + 1:] >= 0xD0) & (data[i + 1:] <= 0xD7))
+                                                    | (data[i + 1:] == 0xD9))) + i
+    for m in marks:
+        intervals.append(stream[start:m + 2])
+        start = m + 2
+        if stream[m + 1] == 0xD9:
+            break
+    return header, intervals
+
+
+def decode_intervals(stream: bytes, coding: TileCoding, bound: tuple[int, int] | None = None) -> np.ndarray:
+    """(h, w, 3) pixels of a stacked stream: each interval decoded alone, as tifffile decodes an NDPI
+    tile; nothing is allocated beyond ``bound`` (h, w)."""
+    import imagecodecs
+    from tifffile.tifffile import ndpi_jpeg_tile
+    header, intervals = split_intervals(stream)
+    tile_height, tile_width, tile_header = ndpi_jpeg_tile(header)
+    if bound is not None and not (0 < tile_width <= bound[1] and 0 < tile_height * len(intervals) <= bound[0]):
+        raise ValueError(f"{len(intervals)} intervals of {tile_height}x{tile_width} do not fit {bound}")
+    out = np.empty((tile_height * len(intervals), tile_width, 3), dtype=np.uint8)
+    for k, interval in enumerate(intervals):
+        pixels = imagecodecs.jpeg_decode(interval, bitspersample=8, header=tile_header,
+                                         colorspace=coding.colorspace, outcolorspace=coding.outcolorspace,
+                                         shape=(tile_height, tile_width))
+        out[k * tile_height:(k + 1) * tile_height] = np.asarray(pixels).reshape(tile_height, tile_width, -1)
+    return out
 
 
 def decode_segment(data: bytes, coding: TileCoding, shape: tuple[int, int]) -> np.ndarray:
@@ -117,27 +224,64 @@ def _padded(pixels: np.ndarray, chunk: tuple[int, int]) -> np.ndarray:
 
 def encode_segment(segment: bytes, coding: TileCoding, shape: tuple[int, int], layout: Layout,
                    position: fmt.Position | None = None, chunk: tuple[int, int] | None = None
-                   ) -> tuple[bytes, np.ndarray]:
+                   ) -> tuple[bytes, np.ndarray, list[Piece]]:
     """A chunk keeping one source segment of ``shape`` (h, w) in a chunk of ``chunk`` (default: the
-    same), and its (h, w, 3) pixels (for checksums and verification)."""
-    import imagecodecs
+    same), its (h, w, 3) pixels (for checksums and verification), and the piece that gives the
+    segment's own bytes back."""
     pixels = decode_segment(segment, coding, shape)
     if pixels.shape[:2] != tuple(shape):
         raise ValueError(f"a source segment decodes to {pixels.shape[:2]}, not {tuple(shape)}")
+    if coding.kind != "jpeg":
+        blob = _pack(Kind.JPEG2000, None, segment, pixels, layout, position, chunk or shape)
+        return blob, pixels, [Piece(0, len(segment))]
+    stream = merge_tables(segment, coding.tables)
+    piece = Piece(0, len(stream)) if stream is segment else Piece(len(coding.tables) - 2, len(stream), SOI)
+    blob = _pack_jpeg(stream, (Kind.JPEG, Kind.JPEG_AS_JPEGXL), coding, pixels, layout, position, chunk or shape)
+    return blob, pixels, [piece]
+
+
+def encode_intervals(segments: list[bytes], coding: TileCoding, indices: list[int], total: int, layout: Layout,
+                     position: fmt.Position | None, chunk: tuple[int, int]
+                     ) -> tuple[bytes, np.ndarray, list[Piece]]:
+    """A chunk keeping restart intervals ``indices`` (of ``total`` in the scan) stacked into one stream,
+    its pixels and the pieces that give each interval's own bytes back (``stack_intervals``)."""
+    from tifffile.tifffile import ndpi_jpeg_tile
+    tile_height, _, _ = ndpi_jpeg_tile(coding.header)
+    stream, pieces = stack_intervals(segments, coding.header, tile_height, indices, total)
+    pixels = decode_intervals(stream, coding)
+    blob = _pack_jpeg(stream, (Kind.INTERVALS, Kind.INTERVALS_AS_JPEGXL), coding, pixels, layout, position, chunk)
+    return blob, pixels, pieces
+
+
+def _pack_jpeg(stream: bytes, kinds: tuple[Kind, Kind], coding: TileCoding, pixels: np.ndarray, layout: Layout,
+               position: fmt.Position | None, chunk: tuple[int, int]) -> bytes:
+    """A JPEG stream's chunk: recompressed with JPEG XL when libjxl rebuilds it exactly and smaller."""
+    import imagecodecs
+    kind, data = kinds[0], stream
+    try:
+        packed = imagecodecs.jpegxl_encode_jpeg(stream)
+        if imagecodecs.jpegxl_decode_jpeg(packed) == stream and len(packed) < len(stream):
+            kind, data = kinds[1], packed
+    except Exception:  # noqa: BLE001 - libjxl declines some JPEGs: keep those as they are
+        pass
+    return _pack(kind, coding, data, pixels, layout, position, chunk)
+
+
+def _pack(kind: Kind, coding: TileCoding | None, data: bytes, pixels: np.ndarray, layout: Layout,
+          position: fmt.Position | None, chunk: tuple[int, int]) -> bytes:
     place = fmt.position_bytes(position)
-    crc = fmt.pixel_checksum(_planar(_padded(pixels, chunk or shape), layout), place)
-    if coding.kind == "jpeg":
-        stream = merge_tables(segment, coding.tables)
-        kind, data = Kind.JPEG, stream
-        try:
-            packed = imagecodecs.jpegxl_encode_jpeg(stream)
-            if imagecodecs.jpegxl_decode_jpeg(packed) == stream and len(packed) < len(stream):
-                kind, data = Kind.JPEG_AS_JPEGXL, packed
-        except Exception:  # noqa: BLE001 - libjxl declines some JPEGs: keep those as they are
-            pass
-        coded = TileCoding("jpeg", None, coding.colorspace, coding.outcolorspace)  # tables are merged in
-        return fmt.pack(fmt.Mode.SOURCE, NO_ID, crc, _header(kind, coded, layout) + bytes(data), place), pixels
-    return fmt.pack(fmt.Mode.SOURCE, NO_ID, crc, _header(Kind.JPEG2000, None, layout) + segment, place), pixels
+    crc = fmt.pixel_checksum(_planar(_padded(pixels, chunk), layout), place)
+    return fmt.pack(fmt.Mode.SOURCE, NO_ID, crc, _header(kind, coding, layout) + bytes(data), place)
+
+
+def chunk_stream(blob: bytes) -> bytes:
+    """The stream a kept chunk stores (a JPEG rebuilt from its JPEG XL), which ``Piece``s index;
+    the chunk must decode and match its checksum first (``decode_chunk``)."""
+    import imagecodecs
+    _, payload = fmt.unpack(blob)
+    kind = payload[0]
+    data = bytes(payload[SOURCE_HEADER.size:])
+    return imagecodecs.jpegxl_decode_jpeg(data) if kind in (Kind.JPEG_AS_JPEGXL, Kind.INTERVALS_AS_JPEGXL) else data
 
 
 def encode_pixels(pixels: np.ndarray, layout: Layout, position: fmt.Position | None = None) -> bytes:
@@ -202,14 +346,20 @@ def decode_chunk(blob: bytes, shape: tuple[int, ...], position: fmt.Position | N
         if kind == Kind.PIXELS_JPEGXL:
             pixels = imagecodecs.jpegxl_decode(data, out=np.empty((h, w, 3), np.uint8))
         else:
-            if kind == Kind.JPEG_AS_JPEGXL:
+            if kind in (Kind.JPEG_AS_JPEGXL, Kind.INTERVALS_AS_JPEGXL):
                 data = imagecodecs.jpegxl_decode_jpeg(data)
             size = _j2k_size(data) if kind == Kind.JPEG2000 else _jpeg_size(data)
             if size is None or not (0 < size[0] <= h and 0 < size[1] <= w):
                 raise CorruptPatchError(f"the stream's size {size} does not fit the chunk's {(h, w)}")
             coding = TileCoding("jpeg2000" if kind == Kind.JPEG2000 else "jpeg", None,
                                 None if cs == 255 else cs, None if ocs == 255 else ocs)
-            pixels = _padded(decode_segment(data, coding, size), (h, w))
+            if kind in (Kind.INTERVALS, Kind.INTERVALS_AS_JPEGXL):
+                pixels = decode_intervals(data, coding, (h, w))
+                if pixels.shape[0] != size[0]:
+                    raise CorruptPatchError(f"the stream's intervals do not fill its size {size}")
+                pixels = _padded(pixels, (h, w))
+            else:
+                pixels = _padded(decode_segment(data, coding, size), (h, w))
     except CorruptPatchError as exc:
         raise CorruptPatchError(f"source chunk is damaged: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - the decoders raise several types for damaged data
