@@ -128,6 +128,10 @@ class Slide:
         """File offsets and byte counts of every tile or strip of a level or associated image."""
         raise NotImplementedError
 
+    def strip_recipe(self, name: str) -> dict | None:
+        """How an associated image's strips are made again from its pixels (``storage.tiff_strips``), if they can."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -259,6 +263,11 @@ class TiffSlide(Slide):
         if len(page.dataoffsets) != -(-page.imagelength // height) * across:
             return None
         return SourceSegments(coding, height, width, across, len(page.dataoffsets))
+
+    def strip_recipe(self, name: str) -> dict | None:
+        from .storage.tiff_strips import strip_recipe
+        page = self._page(name)
+        return strip_recipe(page) if page is not None else None
 
     def segment_offsets(self, level: int | str) -> tuple[np.ndarray, np.ndarray]:
         page = self._page(level)

@@ -51,9 +51,12 @@ def write_restore(root: Path, source: Path, offsets: dict[str, tuple[np.ndarray,
     arrays = sorted(pieces)
     affixes: dict[str, int] = {"": 0}
     rows = []
+    recipes = {}
     for a, name in enumerate(arrays):
         starts, counts = offsets[name]
-        for segment, r, c, start, stop, prefix, suffix in pieces[name]:
+        for segment, r, c, start, stop, prefix, suffix, *recipe in pieces[name]:
+            if recipe:  # strips made again from the pixels (``storage.tiff_strips``)
+                recipes[name] = recipe[0]
             rows.append((int(starts[segment]), int(counts[segment]), a, r, c, start, stop,
                          affixes.setdefault(prefix, len(affixes)), affixes.setdefault(suffix, len(affixes))))
     table = np.array(sorted(rows), dtype=np.int64).reshape(-1, len(COLUMNS))
@@ -75,7 +78,7 @@ def write_restore(root: Path, source: Path, offsets: dict[str, tuple[np.ndarray,
     fmt = FORMATS[zarr_format]
     folder = root / RESTORE_GROUP
     attrs = {"format_version": RESTORE_FORMAT, "name": source.name, "size": size, "sha256": sha256,
-             "arrays": arrays, "affixes": list(affixes), "columns": list(COLUMNS)}
+             "arrays": arrays, "affixes": list(affixes), "columns": list(COLUMNS), "regenerated": recipes}
     fmt.write_group(folder, {"wsi_idf_restore": attrs})
     for name, data, chunks in (("skeleton", np.frombuffer(bytes(skeleton), np.uint8), (SKELETON_CHUNK,)),
                                ("segments", table, (1 << 16, len(COLUMNS)))):
@@ -126,7 +129,7 @@ def restore_file(archive_path: str | Path, out: str | Path, overwrite: bool = Fa
     skeleton, table = group["skeleton"], np.asarray(group["segments"][...], dtype=np.int64)
     arrays, affixes = attrs["arrays"], [bytes.fromhex(a) for a in attrs["affixes"]]
     _check_table(table, len(arrays), len(affixes), size, skeleton.shape[0], archive_path)
-    streams = ChunkStreams(archive, arrays)
+    streams = ChunkStreams(archive, arrays, attrs.get("regenerated") or {})
     temporary = out.with_name(f".{out.name}.restoring-{uuid.uuid4().hex[:12]}")
     digest = hashlib.sha256()
     try:
@@ -213,8 +216,8 @@ def _check_output(out: Path, archive_path: Path, overwrite: bool, sha256: str) -
 class ChunkStreams:
     """Kept chunks' streams by (array, row, column), read through the checked readers, a few kept at once."""
 
-    def __init__(self, archive, arrays: list[str], keep: int = 64):
-        self.archive, self.arrays, self.keep = archive, arrays, keep
+    def __init__(self, archive, arrays: list[str], recipes: dict, keep: int = 64):
+        self.archive, self.arrays, self.recipes, self.keep = archive, arrays, recipes, keep
         self.cache: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
 
     def get(self, array: int, row: int, col: int) -> bytes:
@@ -248,9 +251,17 @@ class ChunkStreams:
             raise DamagedArchiveError(f"{path}: chunk missing: the archive is damaged") from None
         from ..errors import CorruptPatchError
         try:
-            decode_chunk(blob, chunks)
+            pixels = decode_chunk(blob, chunks)
         except CorruptPatchError as exc:
             raise DamagedArchiveError(f"{path}: {exc}") from None
+        recipe = self.recipes.get(name)
+        if recipe is not None:
+            from ..storage.tiff_strips import encode_strips
+            if not isinstance(recipe, dict) or recipe.get("compression") not in ("lzw", "none") \
+                    or recipe.get("predictor") not in (1, 2) or not isinstance(recipe.get("rowsperstrip"), int) \
+                    or not 0 < recipe["rowsperstrip"] <= shape[0]:
+                raise DamagedArchiveError(f"{self.archive.path}: restore recipe of {name} is damaged")
+            return b"".join(encode_strips(pixels, recipe))
         return chunk_stream(blob)
 
 

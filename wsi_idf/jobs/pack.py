@@ -281,6 +281,13 @@ def write_associated_source(folder: Path, slide: Slide, name: str, model: str, w
     else:
         ch, cw = h, w
         chunks, pieces = {(0, 0): encode_pixels(image, Layout.INTERLEAVED)}, []
+        recipe = slide.strip_recipe(name)
+        if recipe is not None:  # the file's own strips, made again from the pixels (``storage.tiff_strips``)
+            from ..storage.tiff_strips import encode_strips
+            strips = encode_strips(image, recipe)
+            if strips == slide.read_segments(name, list(range(len(strips)))):
+                ends = np.cumsum([0] + [len(strip) for strip in strips]).tolist()
+                pieces = [[i, 0, 0, ends[i], ends[i + 1], "", "", recipe] for i in range(len(strips))]
     zarr.create_array(store=str(folder), shape=(h, w, 3), chunks=(ch, cw, 3), dtype="uint8", fill_value=0,
                       serializer=WsiIdfCodec(model=model, weights=weights), compressors=None, zarr_format=3,
                       dimension_names=("y", "x", "c"), overwrite=True)
