@@ -19,6 +19,8 @@ SLIDES = DATA / "slides"
 CMU_SVS = SLIDES / "cmu-1-small-region.svs"
 TCGA_SVS = SLIDES / "tcga-cr-7395-01a-01-ts1.svs"
 DICOM = SLIDES / "small_dicom.dcm"
+NDPI = sorted((SLIDES / "ndpi").glob("*.ndpi"))
+NDPI_DAPI = SLIDES / "ndpi" / "test3-dapi-2-387.ndpi"
 
 
 def mosaic(height: int, width: int, seed: int = 0) -> np.ndarray:
