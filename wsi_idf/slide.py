@@ -429,7 +429,7 @@ def background(props: dict[str, str]) -> tuple[int, int, int]:
 def open_slide(path: str | Path, backend: str = "auto") -> Slide:
     """Open a slide file, refusing anything that is not an 8-bit RGB slide with one clear message."""
     path = Path(path)
-    if backend not in BACKENDS:
+    if backend not in (*BACKENDS, "dicom"):
         raise SlideError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not path.exists():
         raise SlideError(f"{path}: no such file")
@@ -439,9 +439,9 @@ def open_slide(path: str | Path, backend: str = "auto") -> Slide:
         head = f.read(132)
     if not head:
         raise SlideError(f"{path}: empty file")
-    if head[128:132] == b"DICM":
-        raise SlideError(f"{path.name}: DICOM WSI is not supported: OpenSlide cannot open this file and no "
-                         "maintained reader is installed that does; convert it to a pyramidal TIFF first")
+    if head[128:132] == b"DICM" and backend in ("auto", "dicom"):  # DICOM WSI: pydicom reads its frames
+        from .dicom_slide import DicomSlide
+        return check_size(DicomSlide(path))
     is_tiff = head[:4] in _TIFF_MAGIC
     if backend == "tifffile" or (backend == "auto" and is_tiff):
         if not is_tiff and backend == "tifffile":
@@ -454,11 +454,16 @@ def open_slide(path: str | Path, backend: str = "auto") -> Slide:
         if openslide.OpenSlide.detect_format(str(path)) is None:
             raise SlideError(f"{path.name}: not a slide format wsi-idf can read (tifffile and OpenSlide both refuse it)")
         slide = OpenSlideSlide(path)
+    return check_size(slide)
+
+
+def check_size(slide: Slide) -> Slide:
     if not slide.levels:
-        raise SlideError(f"{path.name}: no readable pyramid level")
+        raise SlideError(f"{slide.path.name}: no readable pyramid level")
     base = slide.levels[0]
     if base.width < PATCH or base.height < PATCH:
-        raise SlideError(f"{path.name}: {base.width}x{base.height} pixels is smaller than one {PATCH}x{PATCH} patch")
+        slide.close()
+        raise SlideError(f"{slide.path.name}: {base.width}x{base.height} pixels is smaller than one {PATCH}x{PATCH} patch")
     return slide
 
 

@@ -341,6 +341,19 @@ def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp, ma
     return len(datasets)
 
 
+PREVIEW_SHARE = 0.1  # of the levels' bytes: beyond it a zstd preview is left out where levels keep their tiles
+
+
+def drop_costly_preview(root: Path, records: dict[str, dict], preview_levels: int) -> int:
+    """Leave out the zstd preview when it would cost more than a tenth of the kept levels (a small
+    slide: its own tiles are smaller than the preview's zstd pixels); its preview levels (0 then)."""
+    from ..archive.layout import tree_size
+    if tree_size(root / "preview") <= PREVIEW_SHARE * sum(r["encoded_bytes"] for r in records.values()):
+        return preview_levels
+    shutil.rmtree(root / "preview")  # written by this pack, inside its own unfinished archive
+    return 0
+
+
 def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None, device: str = "auto",
                backend: str = "auto", shard: int = DEFAULT_SHARD, zarr_format: int = 3, drop_label: bool = False,
                overwrite: bool = False, resume: bool = False, scheduler: str | None = None,
@@ -396,9 +409,11 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
                     associated, pieces = write_associated(root, slide, drop_label, zarr_format,
                                                           keep_source=codec != "idf", model=model_entry.name,
                                                           weights=weights)
-                    preview_levels = write_preview(
-                        root, slide, zarr_format, source.stem, slide.info.mpp,
-                        PREVIEW_MAX_SOURCE if any(layout.storage == "source" for layout in layouts) else PREVIEW_MAX)
+                    keeps = any(layout.storage == "source" for layout in layouts)
+                    preview_levels = write_preview(root, slide, zarr_format, source.stem, slide.info.mpp,
+                                                   PREVIEW_MAX_SOURCE if keeps else PREVIEW_MAX)
+                    if keeps:
+                        preview_levels = drop_costly_preview(root, records, preview_levels)
                     sha256 = source_hash.result()
                     restore = write_restore_data(root, slide, source, layouts, records, pieces, sha256,
                                                  zarr_format, not_restorable, restorable)
