@@ -110,6 +110,12 @@ def test_bad_input_is_refused_with_one_clear_message(bad_inputs, name, backend):
     assert BAD[name] in str(info.value) and "\n" not in str(info.value)
 
 
-def test_dicom_is_refused_with_a_reason():
-    with pytest.raises(SlideError, match="DICOM WSI is not supported"):
-        open_slide(DICOM)
+def test_a_dicom_file_without_image_type_opens_as_its_tiled_full_frames(tmp_path, capsys):
+    """pathml's DICOM lacks ImageType and DimensionOrganizationType (OpenSlide refuses it): its 42 frames
+    fill the 7x6 grid, so they are read as TILED_FULL, kept, and the file restores byte for byte."""
+    from wsi_idf.cli import main
+    with open_slide(DICOM) as slide:
+        assert slide.levels[0].width == 3236 and slide.source_segments(0).count == 42
+    assert main(["pack", str(DICOM), "-o", str(tmp_path / "d.zarr"), "--scheduler", "synchronous", "-q"]) == 0
+    assert main(["restore", str(tmp_path / "d.zarr"), "-o", str(tmp_path / "d.dcm"), "-q"]) == 0
+    assert (tmp_path / "d.dcm").read_bytes() == DICOM.read_bytes()

@@ -9,6 +9,7 @@ TILED_SPARSE files, concatenations, several focal planes or optical paths are re
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,9 @@ class DicomSlide(Slide):
         import pydicom
         super().__init__(path)
         try:
-            ds = pydicom.dcmread(path, defer_size=1024)
+            with warnings.catch_warnings():  # pydicom warns of over-long UIDs and the like: not our reader's concern
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, defer_size=1024)
             syntax = str(ds.file_meta.TransferSyntaxUID)
             sop = str(ds.SOPClassUID)
             rows, cols = int(ds.Rows), int(ds.Columns)

@@ -1,0 +1,111 @@
+"""DICOM WSI (issue 22): real Camelyon JPEG frames kept and restorable; lossless frames (uncompressed, JPEG-LS,
+in files built here from real tissue) coded with the IDF; what is not supported refused with one line."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import NO_DATA
+from slides import SLIDES, mosaic
+from wsi_idf import open_archive
+from wsi_idf.cli import main
+from wsi_idf.errors import SlideError
+from wsi_idf.slide import open_slide
+
+CAMELYON = SLIDES / "dicom" / "camelyon-multiframe.dcm"
+SYNTHETIC = SLIDES / "dicom" / "sm_image.dcm"  # highdicom's 50x50 test file: the attributes we reuse
+
+pytestmark = pytest.mark.skipif(not CAMELYON.exists(), reason=NO_DATA)
+
+
+def pack(capsys, slide: Path, out: Path, *extra: str) -> dict:
+    assert main(["pack", str(slide), "-o", str(out), "--scheduler", "synchronous", "-q", "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def write_dicom(path: Path, image: np.ndarray, tile: int, syntax: str) -> Path:
+    """A TILED_FULL DICOM WSI of ``image`` (real tissue) in ``tile`` frames: uncompressed or JPEG-LS lossless."""
+    import imagecodecs
+    import pydicom
+    from pydicom.encaps import encapsulate
+    ds = pydicom.dcmread(SYNTHETIC)
+    h, w, _ = image.shape
+    down, across = -(-h // tile), -(-w // tile)
+    padded = np.zeros((down * tile, across * tile, 3), np.uint8)
+    padded[:h, :w] = image
+    frames = [np.ascontiguousarray(padded[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile])
+              for r in range(down) for c in range(across)]
+    ds.Rows = ds.Columns = tile
+    ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns = h, w
+    ds.NumberOfFrames = len(frames)
+    if syntax == "native":
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.PixelData = b"".join(f.tobytes() for f in frames)
+    else:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLSLossless
+        ds.PixelData = encapsulate([imagecodecs.jpegls_encode(f) for f in frames])
+        ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_camelyon_keeps_its_jpeg_frames_equal_to_openslide_and_restores(tmp_path, capsys):
+    import openslide
+    summary = pack(capsys, CAMELYON, tmp_path / "c.zarr")
+    assert summary["storage"] == [{"storage": "source", "source_codec": "jpeg"}] and summary["restorable"]
+    print(f"Camelyon DICOM: {summary['archive_bytes'] / summary['source_bytes']:.3f}x the source")
+    assert summary["archive_bytes"] <= summary["source_bytes"]
+    with openslide.OpenSlide(str(CAMELYON)) as osl:
+        expected = np.asarray(osl.read_region((0, 0), 0, osl.dimensions))[..., :3]
+    archive = open_archive(tmp_path / "c.zarr")
+    assert np.array_equal(archive.region(0, 0, 0, 1152, 700), expected)
+    meta = archive.metadata
+    assert meta["source"]["backend"] == "dicom" and meta["slide"]["mpp"] == pytest.approx([28.969, 28.968], abs=1e-3)
+    assert meta["slide"]["properties"]["dicom.DimensionOrganizationType"] == "TILED_FULL"
+    assert main(["verify", str(tmp_path / "c.zarr"), "--source", str(CAMELYON), "--backend", "openslide",
+                 "--scheduler", "synchronous", "-q"]) == 0
+    assert main(["restore", str(tmp_path / "c.zarr"), "-o", str(tmp_path / "c.dcm"), "-q"]) == 0
+    assert (tmp_path / "c.dcm").read_bytes() == CAMELYON.read_bytes()
+
+
+@pytest.mark.parametrize("syntax", ["native", "jpegls"])
+def test_lossless_dicom_frames_are_coded_with_the_idf(tmp_path, capsys, syntax):
+    image = mosaic(230, 310, seed=11)
+    slide = write_dicom(tmp_path / f"{syntax}.dcm", image, 128, syntax)
+    with open_slide(slide) as opened:
+        assert np.array_equal(opened.read(0, 0, 230, 0, 310), image)
+    summary = pack(capsys, slide, tmp_path / f"{syntax}.zarr", "--restorable")
+    assert summary["storage"] == [{"storage": "idf", "source_codec": None}] and summary["restorable"]
+    assert np.array_equal(open_archive(tmp_path / f"{syntax}.zarr").region(0, 0, 0, 310, 230), image)
+    assert main(["restore", str(tmp_path / f"{syntax}.zarr"), "-o", str(tmp_path / "back.dcm"), "-q"]) == 0
+    assert (tmp_path / "back.dcm").read_bytes() == slide.read_bytes()
+
+
+def test_unsupported_and_damaged_dicom_get_one_line(tmp_path, capsys):
+    with pytest.raises(SlideError, match="smaller than one 80x80 patch"):
+        open_slide(SYNTHETIC)
+    truncated = tmp_path / "cut.dcm"
+    truncated.write_bytes(CAMELYON.read_bytes()[:60_000])
+    assert main(["pack", str(truncated), "-o", str(tmp_path / "cut.zarr"), "--scheduler", "synchronous"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "truncated" in err and not (tmp_path / "cut.zarr").exists()
+    import pydicom
+    ds = pydicom.dcmread(CAMELYON)
+    ds.DimensionOrganizationType = "TILED_SPARSE"
+    ds.save_as(tmp_path / "sparse.dcm")
+    with pytest.raises(SlideError, match="TILED_SPARSE"):
+        open_slide(tmp_path / "sparse.dcm")
+    ds = pydicom.dcmread(CAMELYON)
+    ds.ConcatenationUID = "1.2.3"
+    ds.save_as(tmp_path / "concatenated.dcm")
+    with pytest.raises(SlideError, match="concatenation"):
+        open_slide(tmp_path / "concatenated.dcm")
+    ds = pydicom.dcmread(CAMELYON)
+    ds.NumberOfFrames = 14  # a frame missing
+    ds.save_as(tmp_path / "missing.dcm")
+    with pytest.raises(SlideError, match="frames"):
+        open_slide(tmp_path / "missing.dcm")
