@@ -9,7 +9,12 @@ the cluster was made. A failing slide is recorded in the manifest and the batch 
 Running the same command again skips finished archives and resumes interrupted ones.
 The manifest (``manifest.csv`` and ``manifest.json`` in the output folder) is rewritten after
 every slide: per slide the status, sizes, ratios, bits per sub-pixel, how each level is stored
-(idf or source), level checksums, time, error.
+(idf or source), level checksums, the source's sha256, whether the archive gives the source file
+back (``restorable``), whether it was verified, time, error.
+
+``--verify`` checks each archive before its row is marked done: every pixel against the source,
+and for a restorable archive a restore to a temporary file whose sha256 must be the source's.
+A lab deletes an original only where its row says ``verified`` = ``restored``.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from wsi_idf.archive.layout import archive_sizes, read_attributes
+from wsi_idf.archive.restore import restore_info
 from wsi_idf.storage.zarr_formats import write_atomic
 from wsi_idf.cli import configure_logging
 from wsi_idf.errors import WsiIdfError
@@ -33,8 +39,10 @@ log = logging.getLogger("wsi_idf")
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
 FIELDS = ["slide", "archive", "status", "source_bytes", "raw_bytes", "archive_bytes", "ratio_to_raw",
-          "ratio_to_source", "bits_per_subpixel", "level_storage", "level_checksums", "seconds", "error"]
-EARLIER_FIELDS = [f for f in FIELDS if f != "level_storage"]  # manifests of wsi-idf 0.1-0.2
+          "ratio_to_source", "bits_per_subpixel", "level_storage", "level_checksums", "source_sha256", "restorable",
+          "verified", "seconds", "error"]
+FIELDS_04 = [f for f in FIELDS if f not in ("source_sha256", "restorable", "verified")]  # wsi-idf 0.3-0.4
+EARLIER_FIELDS = [f for f in FIELDS_04 if f != "level_storage"]  # manifests of wsi-idf 0.1-0.2
 
 
 def find_slides(source: Path, recursive: bool = False) -> list[Path]:
@@ -71,7 +79,26 @@ def finished_row(slide: Path, out: Path, earlier: dict | None) -> dict:
     return {"slide": str(slide), "archive": str(out), "status": "done", **archive_sizes(out, meta),
             "level_storage": ";".join(lv.get("storage", "idf") for lv in meta["levels"]),
             "level_checksums": ";".join(lv["checksum"]["value"] for lv in meta["levels"]),
-            "seconds": (earlier or {}).get("seconds", ""), "error": ""}
+            "source_sha256": source["sha256"], "restorable": "yes" if restore_info(meta)["restorable"] else "no",
+            "verified": (earlier or {}).get("verified", ""), "seconds": (earlier or {}).get("seconds", ""), "error": ""}
+
+
+def verify_row(slide: Path, out: Path, scheduler: str | None) -> str:
+    """Verify one archive: every pixel against the source, and a restorable archive restored to a
+    temporary file beside it (sha256 checked, then removed). Returns the ``verified`` value."""
+    import uuid
+    from wsi_idf.archive.restore import restore_file
+    from wsi_idf.jobs.verify import verify_archive
+    verify_archive(out, source=slide, scheduler=scheduler)
+    attrs, _ = read_attributes(out)
+    if not restore_info(attrs["wsi_idf"])["restorable"]:
+        return "pixels"
+    restored = out.with_name(f".{out.name}.verify-{uuid.uuid4().hex[:12]}{slide.suffix}")
+    try:
+        restore_file(out, restored)  # raises unless the bytes have the source's sha256
+    finally:
+        restored.unlink(missing_ok=True)  # written by this job just now
+    return "restored"
 
 
 def check_manifest_is_ours(out_dir: Path) -> None:
@@ -83,7 +110,7 @@ def check_manifest_is_ours(out_dir: Path) -> None:
         json_ours = isinstance(rows, list) and all(isinstance(r, dict) and "slide" in r and "status" in r for r in rows)
         csv_path = out_dir / "manifest.csv"
         csv_ours = not csv_path.exists() or csv_path.read_text().splitlines()[:1] in (
-            [",".join(FIELDS)], [",".join(EARLIER_FIELDS)])
+            [",".join(FIELDS)], [",".join(FIELDS_04)], [",".join(EARLIER_FIELDS)])
     except (OSError, ValueError, UnicodeDecodeError):
         json_ours = csv_ours = False
     if not (json_ours and csv_ours):
@@ -103,8 +130,9 @@ def write_manifest(out_dir: Path, rows: list[dict]) -> None:
 
 
 def run_batch(slides: Sequence[Path], out_dir: Path, scheduler: str | None, progress: bool = False,
-              **pack_options) -> list[dict]:
-    """Pack every slide into ``out_dir``; return (and keep writing) the manifest rows."""
+              verify: bool = False, **pack_options) -> list[dict]:
+    """Pack every slide into ``out_dir`` (and with ``verify`` check each archive, ``verify_row``,
+    before its row is done); return (and keep writing) the manifest rows."""
     from tqdm import tqdm
     check_manifest_is_ours(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +157,8 @@ def run_batch(slides: Sequence[Path], out_dir: Path, scheduler: str | None, prog
                                      **pack_options)
                 row = {**finished_row(slide, out, None), "seconds": summary["seconds"],
                        "action": "resumed" if resume else "archived"}
+            if verify and not row.get("verified"):
+                row["verified"] = verify_row(slide, out, scheduler)
         except WsiIdfError as exc:
             message = str(exc).removeprefix(f"{slide}: ").removeprefix(f"{slide.name}: ")  # the row names it
             row.update(status="failed", error=message, seconds=round(time.perf_counter() - t0, 2))
@@ -187,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--drop-label", action="store_true", help="leave out label images (patient identifiers)")
     parser.add_argument("--codec", choices=["auto", "idf", "source"], default="auto",
                         help="as `wsi-idf pack --codec`: auto keeps lossy source tiles, IDF for the rest")
+    parser.add_argument("--restorable", action="store_true",
+                        help="as `wsi-idf pack --restorable`: every archive gives its source file back (larger)")
+    parser.add_argument("--verify", action="store_true",
+                        help="before a row is marked done: every pixel against the source, and a restorable archive "
+                             "restored to a temporary file whose sha256 must be the source's (column 'verified')")
     parser.add_argument("--scheduler", default=None, help="an existing Dask scheduler (tcp://host:port)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes of the embedded cluster")
     parser.add_argument("--slurm", action="store_true", help="start workers as SLURM jobs (dask-jobqueue)")
@@ -208,8 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_manifest_is_ours(args.output)  # before a cluster starts
         with cluster_address(args) as address:
             check_scheduler(address)
-            rows = run_batch(slides, args.output, address, progress=not args.quiet, model=args.model,
-                             device=args.device, drop_label=args.drop_label, codec=args.codec)
+            rows = run_batch(slides, args.output, address, progress=not args.quiet, verify=args.verify,
+                             model=args.model, device=args.device, drop_label=args.drop_label, codec=args.codec,
+                             restorable=args.restorable)
     except WsiIdfError as exc:
         print(f"archive_batch: error: {exc}", file=sys.stderr)
         return 1

@@ -170,3 +170,28 @@ print(json.dumps([wanted, list(seen.values())]))
     wanted, seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert wanted == {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
     assert seen == [wanted]
+
+
+def test_batch_verify_records_sha256_restorable_and_a_checked_restore(cluster, tmp_path, capsys):
+    """A lab deletes an original only where the row says verified = restored: pixels compared and
+    the source file rebuilt with its sha256, before the row is marked done."""
+    import hashlib
+    import shutil
+    from pipelines.archive_batch import FIELDS_04
+    from slides import NDPI_DAPI
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copyfile(NDPI_DAPI, folder / NDPI_DAPI.name)
+    write_pyramidal_tiff(folder / "lossless.tif", pyramid(mosaic(300, 260, seed=4), 2))
+    out = tmp_path / "archive"
+    out.mkdir()
+    (out / "manifest.csv").write_text(",".join(FIELDS_04) + "\n")  # a wsi-idf 0.4 manifest is ours
+    assert batch_main([str(folder), "-o", str(out), "--scheduler", cluster["address"], "-q", "--verify"]) == 0
+    rows = {Path(r["slide"]).name: r for r in json.loads((out / "manifest.json").read_text())}
+    ndpi, tif = rows[NDPI_DAPI.name], rows["lossless.tif"]
+    assert ndpi["source_sha256"] == hashlib.sha256(NDPI_DAPI.read_bytes()).hexdigest()
+    assert (ndpi["restorable"], ndpi["verified"], ndpi["level_storage"]) == ("yes", "restored", "source;" * 3 + "source")
+    assert (tif["restorable"], tif["verified"]) == ("no", "pixels")
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the temporary restore is gone
+    header = (out / "manifest.csv").read_text().splitlines()[0]
+    assert header.endswith("source_sha256,restorable,verified,seconds,error")
