@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SlideError
-from .slide import Level, Slide, SlideInfo, SourceSegments, check_rgb8
+from .slide_base import Level, Slide, SlideInfo, SourceSegments, check_rgb8
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit and explicit VR little endian
@@ -36,12 +36,15 @@ class DicomSlide(Slide):
     backend = "dicom"
 
     def __init__(self, path: Path):
-        import pydicom
         super().__init__(path)
+        with warnings.catch_warnings():  # pydicom warns of over-long UIDs and the like: not our reader's concern
+            warnings.simplefilter("ignore")
+            self._open(path)
+
+    def _open(self, path: Path) -> None:
+        import pydicom
         try:
-            with warnings.catch_warnings():  # pydicom warns of over-long UIDs and the like: not our reader's concern
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, defer_size=1024)
+            ds = pydicom.dcmread(path, defer_size=1024)
             syntax = str(ds.file_meta.TransferSyntaxUID)
             sop = str(ds.SOPClassUID)
             rows, cols = int(ds.Rows), int(ds.Columns)
