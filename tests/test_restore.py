@@ -165,3 +165,30 @@ def test_a_source_that_changes_while_packed_is_refused(work, capsys, monkeypatch
     assert main(["pack", str(slide), "-o", str(work / "growing.zarr"), "--scheduler", "synchronous", "-q"]) == 1
     assert "changed while it was packed" in capsys.readouterr().err
     assert not (work / "growing.zarr").exists() and not (work / "growing.zarr.partial").exists()
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("name", ["archive_v2_idf.zarr", "archive_v2_kept.zarr", "archive_v3_kept.zarr"])
+def test_archives_of_earlier_versions_read_and_verify(name, tmp_path, capsys):
+    import zarr
+    from wsi_idf import open_archive
+    from wsi_idf.jobs.verify import verify_archive
+    fixture = FIXTURES / name
+    assert verify_archive(fixture, scheduler="synchronous")["ok"]
+    archive = open_archive(fixture)
+    h, w = archive.levels[0].shape[1:]
+    assert np.array_equal(archive.region(0, 0, 0, w, h), zarr.open_group(fixture, mode="r")["0"][...].transpose(1, 2, 0))
+    assert main(["info", str(fixture)]) == 0
+    text = capsys.readouterr().out
+    if name.startswith("archive_v2"):
+        assert "not restorable: written before wsi-idf 0.5" in text
+        assert main(["restore", str(fixture), "-o", str(tmp_path / "x.tif")]) == 1
+    else:  # the source file, which is nowhere else, comes back with the sha256 recorded at pack time
+        restored = tmp_path / "source.tif"
+        assert main(["restore", str(fixture), "-o", str(restored), "-q"]) == 0
+        assert sha256(restored) == archive.metadata["source"]["sha256"]
+        import tifffile
+        with tifffile.TiffFile(restored) as tif:
+            assert np.array_equal(tif.series[0].levels[0].asarray(), archive.region(0, 0, 0, w, h))

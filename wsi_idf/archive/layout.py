@@ -26,8 +26,11 @@ from ..config import CHANNELS, PATCH
 from ..errors import ArchiveError, DamagedArchiveError, WsiIdfError
 from ..storage.zarr_formats import FORMATS, detect
 
-ARCHIVE_FORMAT = 2  # 2: patches bound to their positions (patch format 3); 1: wsi-idf 0.1-0.2
-READABLE_FORMATS = (1, 2)
+# 3: wsi-idf 0.5: restore data, kept NDPI intervals and DICOM frames (older wsi-idf refuses it by
+# name instead of calling new chunk kinds damage); 2: patches bound to their positions (patch format 3,
+# wsi-idf 0.3-0.4); 1: wsi-idf 0.1-0.2
+ARCHIVE_FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 PREVIEW_MAX = 1024  # longest side of the preview's first level
 PREVIEW_MIN = 256
 MAX_LEVEL_SIDE = 2**20  # pixels: beyond any scanner (~250k), and within what a patch position names
