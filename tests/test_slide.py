@@ -84,7 +84,6 @@ def bad_inputs(tmp_path_factory):
     tifffile.imwrite(d / "sixteen.tif", base.astype(np.uint16) * 3, tile=(256, 256), photometric="rgb")
     tifffile.imwrite(d / "rgba.tif", np.dstack([base, np.full(base.shape[:2], 255, np.uint8)]), tile=(256, 256),
                      photometric="rgb", extrasamples=[2])
-    tifffile.imwrite(d / "tiny.tif", base[:50, :60], photometric="rgb")
     data = CMU_SVS.read_bytes()
     (d / "truncated.svs").write_bytes(data[: len(data) // 2])
     (d / "tail-truncated.svs").write_bytes(data[:-200_000])
@@ -95,7 +94,7 @@ def bad_inputs(tmp_path_factory):
 
 
 BAD = {"gray.tif": "8-bit grayscale", "sixteen.tif": "16-bit RGB", "rgba.tif": "8-bit RGBA",
-       "tiny.tif": "smaller than one 80x80 patch", "truncated.svs": "truncated", "tail-truncated.svs": "truncated",
+       "truncated.svs": "truncated", "tail-truncated.svs": "truncated",
        "notes.svs": "not a slide format", "empty.svs": "empty file", "folder.svs": "is a folder",
        "missing.svs": "no such file"}
 
@@ -103,8 +102,6 @@ BAD = {"gray.tif": "8-bit grayscale", "sixteen.tif": "16-bit RGB", "rgba.tif": "
 @pytest.mark.parametrize("name", sorted(BAD))
 @pytest.mark.parametrize("backend", ["auto", "openslide"])
 def test_bad_input_is_refused_with_one_clear_message(bad_inputs, name, backend):
-    if name == "tiny.tif" and backend == "openslide":
-        pytest.skip("OpenSlide does not take untiled TIFFs at all")
     with pytest.raises(SlideError) as info:
         open_slide(bad_inputs / name, backend)
     assert BAD[name] in str(info.value) and "\n" not in str(info.value)

@@ -135,6 +135,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
             f"{_sizes(s['archive_bytes'], s['raw_bytes'], s['source_bytes'], s['source_lossy'])}, "
             f"{s['bits_per_subpixel']} bits per sub-pixel, {s['seconds']} s")
     text += "\nstorage   " + "; ".join(f"level {i}: {_storage(lv)}" for i, lv in enumerate(s["storage"]))
+    if s["backend"] == "openslide":
+        text += ("\nread      through OpenSlide: its decoded pixels were coded with the IDF (OpenSlide does not hand "
+                 "out a file's own tiles, so none could be kept)")
     if s["archive_bytes"] > s["source_bytes"]:
         coded = [str(i) for i, lv in enumerate(s["storage"]) if lv["storage"] != "source"]
         why = ("the source is stored lossily (e.g. JPEG) and level(s) " + ", ".join(coded) + " were coded from "

@@ -551,5 +551,5 @@ def summarize(out: Path, meta: dict, slide: Slide, seconds: float, resumed: bool
                         for lv in meta["levels"]],
             "source_lossy": compression in LOSSY_COMPRESSIONS or slide.backend == "openslide" and
             slide.info.vendor in {"aperio", "hamamatsu", "mirax", "leica", "philips", "ventana"},
-            "resumed": resumed, "restorable": bool(meta["restore"].get("restorable")),
+            "resumed": resumed, "backend": meta["source"]["backend"], "restorable": bool(meta["restore"].get("restorable")),
             "restore_bytes": meta["restore"].get("stored_bytes", 0), "not_restorable_why": meta["restore"].get("why")}
