@@ -122,3 +122,25 @@ def test_unsupported_and_damaged_dicom_get_one_line(tmp_path, capsys):
     ds.save_as(tmp_path / "missing.dcm")
     with pytest.raises(SlideError, match="frames"):
         open_slide(tmp_path / "missing.dcm")
+
+
+def test_a_dicom_series_folder_is_one_slide_and_restores_file_by_file(tmp_path, capsys):
+    """OpenSlide's two-instance DICOM (a JPEG volume and an uncompressed THUMBNAIL): the folder is the
+    slide, the thumbnail an associated image equal to OpenSlide's, and restore gives the folder back."""
+    import openslide
+    folder = SLIDES / "dicom" / "boxes"
+    summary = pack(capsys, folder, tmp_path / "boxes.zarr", "--restorable")
+    assert summary["levels"] == 1 and summary["restorable"]
+    archive = open_archive(tmp_path / "boxes.zarr")
+    assert archive.metadata["associated"] == ["thumbnail"]
+    with openslide.OpenSlide(str(folder / "boxes_0.dcm")) as osl:
+        assert np.array_equal(archive.associated("thumbnail"), np.asarray(osl.associated_images["thumbnail"].convert("RGB")))
+        assert np.array_equal(archive.region(0, 0, 0, 16, 16), np.asarray(osl.read_region((0, 0), 0, (16, 16)))[..., :3])
+    out = tmp_path / "restored"
+    assert main(["restore", str(tmp_path / "boxes.zarr"), "-o", str(out), "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["boxes_0.dcm", "boxes_1.dcm"]
+    assert all((out / p.name).read_bytes() == p.read_bytes() for p in folder.iterdir())
+    assert main(["restore", str(tmp_path / "boxes.zarr"), "-o", str(out), "--overwrite", "-q"]) == 0  # same bytes
+    (out / "boxes_1.dcm").write_bytes(b"changed")
+    assert main(["restore", str(tmp_path / "boxes.zarr"), "-o", str(out), "--overwrite"]) == 1  # not the same: kept
+    assert (out / "boxes_1.dcm").read_bytes() == b"changed"

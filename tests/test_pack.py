@@ -262,8 +262,8 @@ def test_interrupted_pack_resumes_to_an_identical_archive(pyramid_slide, work, c
     assert not partial_path(out).exists() and snapshot(out) == snapshot(whole)
 
 
-BAD_NAMES = ["notes.svs", "truncated.svs", "gray.tif", "sixteen.tif", "rgba.tif", "tiny.tif", "folder.svs",
-             "missing.svs", "dicom"]
+BAD_NAMES = ["notes.svs", "truncated.svs", "gray.tif", "sixteen.tif", "rgba.tif", "folder.svs",
+             "missing.svs", "truncated.dcm", "sparse.dcm"]
 
 
 @pytest.fixture(scope="module")
@@ -277,9 +277,13 @@ def bad_dir(work) -> Path:
     tifffile.imwrite(d / "sixteen.tif", base.astype(np.uint16), tile=(256, 256), photometric="rgb")
     tifffile.imwrite(d / "rgba.tif", np.dstack([base, base[..., :1]]), tile=(256, 256), photometric="rgb",
                      extrasamples=[2])
-    tifffile.imwrite(d / "tiny.tif", base[:40, :200], photometric="rgb")
     (d / "folder.svs").mkdir()
-    shutil.copy(CMU_SVS.parent / "small_dicom.dcm", d / "dicom")
+    dicom = CMU_SVS.parent / "dicom" / "camelyon-multiframe.dcm"
+    (d / "truncated.dcm").write_bytes(dicom.read_bytes()[:70_000])
+    import pydicom
+    ds = pydicom.dcmread(dicom)
+    ds.DimensionOrganizationType = "TILED_SPARSE"
+    ds.save_as(d / "sparse.dcm")
     return d
 
 

@@ -106,7 +106,7 @@ def test_restore_refuses_to_replace_other_files_and_checks_the_sha256(dapi, work
     assert main(["restore", str(dapi), "-o", str(other)]) == 1
     assert "already exists" in capsys.readouterr().err
     assert main(["restore", str(dapi), "-o", str(other), "--overwrite"]) == 1
-    assert "not this archive's source file" in capsys.readouterr().err and other.read_bytes() == b"not the source"
+    assert "is not this archive's source" in capsys.readouterr().err and other.read_bytes() == b"not the source"
     assert main(["restore", str(dapi), "-o", str(dapi / "inside.ndpi")]) == 1
     copy = work / "copy.ndpi"
     shutil.copyfile(NDPI_DAPI, copy)  # the same bytes: --overwrite may replace them

@@ -1,6 +1,7 @@
 """DICOM WSI (VL Whole Slide Microscopy Image) files through pydicom: frames read and decoded directly.
 
-One file is one pyramid level: a TILED_FULL grid of frames (one focal plane, one optical path).
+One file is one pyramid level: a TILED_FULL grid of frames (one focal plane, one optical path);
+a folder of one series' files is a pyramid (``DicomSlide``).
 JPEG baseline and JPEG 2000 frames are lossy-at-scan tiles that the archive keeps as they are
 (``--codec auto``, as SVS tiles; each frame's bytes come back for ``wsi-idf restore``); JPEG-LS and
 uncompressed frames are decoded and coded with the IDF. JPEG frames decode with libjpeg-turbo's
@@ -30,13 +31,11 @@ RECORDED = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions", "StudyI
             "LossyImageCompressionRatio", "LossyImageCompressionMethod")
 
 
-class DicomSlide(Slide):
-    """One DICOM WSI file as a one-level slide."""
-
-    backend = "dicom"
+class DicomInstance:
+    """One DICOM WSI file (instance): a TILED_FULL grid of frames, read and decoded directly."""
 
     def __init__(self, path: Path):
-        super().__init__(path)
+        self.path = path
         with warnings.catch_warnings():  # pydicom warns of over-long UIDs and the like: not our reader's concern
             warnings.simplefilter("ignore")
             self._open(path)
@@ -88,23 +87,26 @@ class DicomSlide(Slide):
         if any(offset + length > file_size for offset, length in self.frames):
             raise SlideError(f"{name}: truncated file: frame data runs past its end")
         self.tile = (rows, cols)
-        self.levels.append(Level(width, height, 1.0))
+        self.width, self.height = width, height
+        image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+        self.flavor = image_type[2] if len(image_type) > 2 else "VOLUME"
+        self.series = str(ds.get("SeriesInstanceUID", ""))
         self.info = dicom_info(ds, syntax, self.coding)
         self._handle = open(path, "rb")
         self._cache: dict[int, np.ndarray] = {}
 
-    def source_segments(self, level: int | str) -> SourceSegments | None:
+    def source_segments(self) -> SourceSegments | None:
         from .storage.source_tiles import MAX_TILE, TileCoding
         rows, cols = self.tile
-        if level != 0 or self.coding not in ("jpeg", "jpeg2000") or rows != cols or not 16 <= rows <= MAX_TILE:
+        if self.coding not in ("jpeg", "jpeg2000") or rows != cols or not 16 <= rows <= MAX_TILE:
             return None
         return SourceSegments(TileCoding(self.coding, None, None, None), rows, cols, self.across, len(self.frames))
 
-    def segment_offsets(self, level: int | str) -> tuple[np.ndarray, np.ndarray]:
+    def segment_offsets(self) -> tuple[np.ndarray, np.ndarray]:
         frames = np.asarray(self.frames, dtype=np.int64).reshape(-1, 2)
         return frames[:, 0], frames[:, 1]
 
-    def read_segments(self, level: int | str, indices: list[int]) -> list[bytes]:
+    def read_segments(self, indices: list[int]) -> list[bytes]:
         out = []
         for i in indices:
             offset, length = self.frames[i]
@@ -116,7 +118,7 @@ class DicomSlide(Slide):
         if index not in self._cache:
             if len(self._cache) > 64:
                 self._cache.clear()
-            data = self.read_segments(0, [index])[0]
+            data = self.read_segments([index])[0]
             rows, cols = self.tile
             if self.coding == "native":
                 pixels = np.frombuffer(data, np.uint8)
@@ -129,7 +131,7 @@ class DicomSlide(Slide):
             self._cache[index] = np.asarray(pixels).reshape(rows, cols, 3)
         return self._cache[index]
 
-    def _read(self, level, y0, y1, x0, x1):
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         rows, cols = self.tile
         out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
         for r in range(y0 // rows, (y1 - 1) // rows + 1):
@@ -141,11 +143,83 @@ class DicomSlide(Slide):
                 out[ya - y0:yb - y0, xa - x0:xb - x0] = frame[ya - ty0:yb - ty0, xa - tx0:xb - tx0]
         return out
 
-    def associated_names(self) -> list[str]:
-        return []
-
     def close(self) -> None:
         self._handle.close()
+
+
+ASSOCIATED_FLAVORS = {"LABEL": "label", "OVERVIEW": "macro", "THUMBNAIL": "thumbnail"}
+
+
+class DicomSlide(Slide):
+    """A DICOM WSI file, or a folder holding one series' instances: each VOLUME instance a pyramid
+    level (largest first), LABEL, OVERVIEW and THUMBNAIL instances its associated images."""
+
+    backend = "dicom"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        if path.is_dir():
+            candidates = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and is_dicom(p))
+            if not candidates:
+                raise SlideError(f"{path}: a folder without DICOM files (MRXS: give the .mrxs file beside its folder)")
+        else:
+            candidates = [path]
+        self.instances: list[DicomInstance] = []
+        try:
+            for candidate in candidates:
+                self.instances.append(DicomInstance(candidate))
+        except SlideError:
+            self.close()
+            raise
+        if len({i.series for i in self.instances}) > 1:
+            self.close()
+            raise SlideError(f"{path.name}: DICOM files of several series; give one series' folder")
+        volumes = sorted((i for i in self.instances if i.flavor not in ASSOCIATED_FLAVORS),
+                         key=lambda i: (-i.width, -i.height, i.path.name))
+        if not volumes:  # a single file of another flavor is read as the image it is
+            volumes = self.instances[:1]
+        self.volumes = volumes
+        self.extras = {ASSOCIATED_FLAVORS[i.flavor]: i for i in self.instances
+                       if i not in volumes and i.flavor in ASSOCIATED_FLAVORS}
+        base = volumes[0]
+        for v in volumes:
+            self.levels.append(Level(v.width, v.height, (base.width / v.width + base.height / v.height) / 2))
+        self.info = base.info
+        self.files = [i.path for i in self.instances]
+
+    def _instance(self, level: int | str) -> DicomInstance:
+        return self.extras[level] if isinstance(level, str) else self.volumes[level]
+
+    def segment_file(self, level: int | str) -> int:
+        return self.files.index(self._instance(level).path)
+
+    def source_segments(self, level: int | str) -> SourceSegments | None:
+        return self._instance(level).source_segments() if isinstance(level, int) else None
+
+    def segment_offsets(self, level: int | str) -> tuple[np.ndarray, np.ndarray]:
+        return self._instance(level).segment_offsets()
+
+    def read_segments(self, level: int | str, indices: list[int]) -> list[bytes]:
+        return self._instance(level).read_segments(indices)
+
+    def _read(self, level, y0, y1, x0, x1):
+        return self.volumes[level].read(y0, y1, x0, x1)
+
+    def associated_names(self) -> list[str]:
+        return sorted(self.extras)
+
+    def associated(self, name: str) -> np.ndarray:
+        instance = self.extras[name]
+        return instance.read(0, instance.height, 0, instance.width)
+
+    def close(self) -> None:
+        for instance in getattr(self, "instances", []):
+            instance.close()
+
+
+def is_dicom(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(132)[128:132] == b"DICM"
 
 
 def os_pread(handle, offset: int, length: int) -> bytes:

@@ -312,6 +312,9 @@ def open_slide(path: str | Path, backend: str = "auto") -> Slide:
     if not path.exists():
         raise SlideError(f"{path}: no such file")
     if path.is_dir():
+        from .dicom_slide import DicomSlide, is_dicom
+        if backend in ("auto", "dicom") and any(p.is_file() and is_dicom(p) for p in path.iterdir()):
+            return check_size(DicomSlide(path))  # a DICOM series: its instances are the levels
         raise SlideError(f"{path}: is a folder, not a slide file (MRXS: give the .mrxs file beside its folder)")
     with open(path, "rb") as f:
         head = f.read(132)

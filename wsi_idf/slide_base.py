@@ -68,6 +68,7 @@ class Slide:
 
     def __init__(self, path: Path):
         self.path = path
+        self.files = [path]  # the source files, in the order restore data lists them
         self.levels: list[Level] = []
         self.skipped_levels: list[dict] = []  # source levels a backend cannot read exactly
         self.info: SlideInfo
@@ -113,6 +114,10 @@ class Slide:
     def segment_offsets(self, level: int | str) -> tuple[np.ndarray, np.ndarray]:
         """File offsets and byte counts of every tile or strip of a level or associated image."""
         raise NotImplementedError
+
+    def segment_file(self, level: int | str) -> int:
+        """Which of ``files`` holds a level's (or associated image's) segments."""
+        return 0
 
     def strip_recipe(self, name: str) -> dict | None:
         """How an associated image's strips are made again from its pixels (``storage.tiff_strips``), if they can."""

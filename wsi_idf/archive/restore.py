@@ -2,26 +2,29 @@
 
 A kept tile's bytes are in its chunk already (``source_tiles.Piece``). What is not pixel data
 (TIFF headers, IFDs, JPEG tables, vendor tags, images that were coded from pixels) is stored
-once, as the **skeleton**: the source file with every kept segment's byte range cut out, in zstd.
-Beside it a table gives each kept segment's place in the file and in its chunk::
+once, as each source file's **skeleton**: the file with every kept segment's byte range cut out,
+in zstd. Beside it a table gives each kept segment's place in the file and in its chunk::
 
     slide.zarr/restore/
-      zarr.json       attributes: the source's name, size and sha256, the arrays the table names,
-                      the prefixes and suffixes its pieces use (hex)
-      skeleton/       (n,) uint8, zstd: the file's bytes outside the kept segments, in file order
-      segments/       (count, 9) int64, zstd: file offset, length, array, chunk row, chunk column,
+      zarr.json       attributes: the source's name and sha256, and per file its name, size and
+                      sha256, the arrays its table names, the prefixes and suffixes its pieces use
+                      (hex), and how strips made again from pixels were made (``storage.tiff_strips``)
+      0/skeleton      (n,) uint8, zstd: the file's bytes outside its kept segments, in file order
+      0/segments      (count, 9) int64, zstd: file offset, length, array, chunk row, chunk column,
                       start and stop in the chunk's stream, prefix and suffix (indices)
+      1/ ...          the next file of a multi-file source (a DICOM series folder)
 
-Restoring walks the table in file order, writing skeleton bytes up to each segment and the
-segment rebuilt from its chunk; the result must have the recorded sha256 before it is renamed
-into place. A level coded from its pixels (a lossless source's deflate or LZW tiles) cannot
-give its bytes back: then the archive is restorable only if ``pack --restorable`` kept them in
-the skeleton.
+Restoring walks each table in file order, writing skeleton bytes up to each segment and the
+segment rebuilt from its chunk; each file must have its recorded sha256 before it is renamed
+into place (a folder source: each file in a new folder, renamed into place last). A level coded
+from its pixels (a lossless source's deflate or LZW tiles) cannot give its bytes back: then the
+archive is restorable only if ``pack --restorable`` kept them in the skeleton.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -36,36 +39,56 @@ RESTORE_FORMAT = 1
 COLUMNS = ("offset", "length", "array", "row", "col", "start", "stop", "prefix", "suffix")
 SKELETON_CHUNK = 1 << 22  # 4 MiB of skeleton per zarr chunk
 COPY_BLOCK = 1 << 24
+MAX_FILES = 4096
 
 
 class RestoreMismatchError(ArchiveError):
     """The restored bytes do not have the sha256 recorded at pack time (exit code 3)."""
 
 
-def write_restore(root: Path, source: Path, offsets: dict[str, tuple[np.ndarray, np.ndarray]],
-                  pieces: dict[str, list], sha256: str, zarr_format: int) -> dict:
-    """Write ``restore/`` for ``source``: ``pieces`` per array path (``pack.piece_record`` lists), and
-    for each such array its segments' file ``offsets`` (offsets, byte counts). Returns the summary
-    recorded in the root metadata."""
-    import zarr
-    arrays = sorted(pieces)
+def write_restore(root: Path, files: list[Path], offsets: dict[str, tuple[np.ndarray, np.ndarray]],
+                  pieces: dict[str, list], file_of: dict[str, int], name: str, sha256: str, zarr_format: int) -> dict:
+    """Write ``restore/`` for the source ``files``: ``pieces`` per array path (``pack.piece_record``
+    lists), the file each array's segments live in (``file_of``) and their ``offsets`` (offsets,
+    byte counts) there. Returns the summary recorded in the root metadata."""
+    from ..digests import file_sha256
+    fmt = FORMATS[zarr_format]
+    folder = root / RESTORE_GROUP
+    entries, skeleton_bytes, count = [], 0, 0
+    for k, path in enumerate(files):
+        arrays = sorted(a for a in pieces if file_of[a] == k)
+        entry, table, skeleton = file_entry(path, arrays, offsets, pieces)
+        entry["sha256"] = file_sha256(path)
+        entries.append(entry)
+        for part, data, chunks in (("skeleton", np.frombuffer(skeleton, np.uint8), (SKELETON_CHUNK,)),
+                                   ("segments", table, (1 << 16, len(COLUMNS)))):
+            _write_array(folder / str(k) / part, data, chunks, fmt)
+        skeleton_bytes, count = skeleton_bytes + len(skeleton), count + len(table)
+    fmt.write_group(folder, {"wsi_idf_restore": {"format_version": RESTORE_FORMAT, "name": name, "sha256": sha256,
+                                                 "folder": len(files) > 1 or files[0].name != name,
+                                                 "columns": list(COLUMNS), "files": entries}})
+    return {"restorable": True, "skeleton_bytes": skeleton_bytes, "segments": count,
+            "stored_bytes": directory_bytes(folder)}
+
+
+def file_entry(path: Path, arrays: list[str], offsets: dict, pieces: dict) -> tuple[dict, np.ndarray, bytes]:
+    """One source file's restore entry, its segment table (file order) and its skeleton."""
     affixes: dict[str, int] = {"": 0}
-    rows = []
-    recipes = {}
-    for a, name in enumerate(arrays):
-        starts, counts = offsets[name]
-        for segment, r, c, start, stop, prefix, suffix, *recipe in pieces[name]:
+    rows, recipes = [], {}
+    for a, array in enumerate(arrays):
+        starts, counts = offsets[array]
+        for segment, r, c, start, stop, prefix, suffix, *recipe in pieces[array]:
             if recipe:  # strips made again from the pixels (``storage.tiff_strips``)
-                recipes[name] = recipe[0]
+                recipes[array] = recipe[0]
             rows.append((int(starts[segment]), int(counts[segment]), a, r, c, start, stop,
                          affixes.setdefault(prefix, len(affixes)), affixes.setdefault(suffix, len(affixes))))
     table = np.array(sorted(rows), dtype=np.int64).reshape(-1, len(COLUMNS))
-    size = source.stat().st_size
+    size = path.stat().st_size
     ends = table[:, 0] + table[:, 1]
     if len(table) and (np.any(table[1:, 0] < ends[:-1]) or int(ends.max()) > size or np.any(table[:, 1] <= 0)):
-        raise ArchiveError(f"{source.name}: its kept segments overlap or leave the file: it cannot be restored")
+        raise ArchiveError(f"{path.name}: its kept segments overlap or leave the file: it cannot be restored")
     skeleton = bytearray()
-    with open(source, "rb") as f:
+    with open(path, "rb") as f:
         at = 0
         for offset, length in table[:, :2].tolist():
             f.seek(at)
@@ -74,23 +97,20 @@ def write_restore(root: Path, source: Path, offsets: dict[str, tuple[np.ndarray,
         f.seek(at)
         skeleton += f.read()
     if len(skeleton) != size - int(table[:, 1].sum()):
-        raise ArchiveError(f"{source.name}: changed while it was packed: the restore data cannot be made")
-    fmt = FORMATS[zarr_format]
-    folder = root / RESTORE_GROUP
-    attrs = {"format_version": RESTORE_FORMAT, "name": source.name, "size": size, "sha256": sha256,
-             "arrays": arrays, "affixes": list(affixes), "columns": list(COLUMNS), "regenerated": recipes}
-    fmt.write_group(folder, {"wsi_idf_restore": attrs})
-    for name, data, chunks in (("skeleton", np.frombuffer(bytes(skeleton), np.uint8), (SKELETON_CHUNK,)),
-                               ("segments", table, (1 << 16, len(COLUMNS)))):
-        kwargs = fmt.standard_array_kwargs(data.shape, ("i",) if data.ndim == 1 else ("i", "j"))
-        kwargs.update(dtype=data.dtype, chunks=tuple(min(c, max(1, s)) for c, s in zip(chunks, data.shape)))
-        if zarr_format == 3:
-            kwargs["dimension_names"] = None
-        arr = zarr.create_array(store=str(folder / name), **kwargs)
-        if data.size:
-            arr[...] = data
-    return {"restorable": True, "skeleton_bytes": len(skeleton), "segments": len(table),
-            "stored_bytes": directory_bytes(folder)}
+        raise ArchiveError(f"{path.name}: changed while it was packed: the restore data cannot be made")
+    entry = {"name": path.name, "size": size, "arrays": arrays, "affixes": list(affixes), "regenerated": recipes}
+    return entry, table, bytes(skeleton)
+
+
+def _write_array(path: Path, data: np.ndarray, chunks: tuple[int, ...], fmt) -> None:
+    import zarr
+    kwargs = fmt.standard_array_kwargs(data.shape, ("i",) if data.ndim == 1 else ("i", "j"))
+    kwargs.update(dtype=data.dtype, chunks=tuple(min(c, max(1, s)) for c, s in zip(chunks, data.shape)))
+    if fmt.version == 3:
+        kwargs["dimension_names"] = None
+    arr = zarr.create_array(store=str(path), **kwargs)
+    if data.size:
+        arr[...] = data
 
 
 def directory_bytes(folder: Path) -> int:
@@ -106,12 +126,12 @@ def restore_info(meta: dict) -> dict:
 
 
 def restore_file(archive_path: str | Path, out: str | Path, overwrite: bool = False, progress: bool = False) -> dict:
-    """Write the archive's source file to ``out``, byte for byte, checked against its sha256.
+    """Write the archive's source file (or folder, for a multi-file source) to ``out``, byte for byte,
+    each file checked against its sha256.
 
     ``out`` may exist only with ``overwrite`` and only when it already holds those exact bytes
     (a restore replaces nothing else); the archive's own folder is refused. Nothing is left
     behind on failure; a sha256 mismatch raises ``RestoreMismatchError``."""
-    import zarr
     from .layout import open_archive
     archive_path, out = Path(archive_path), Path(out)
     archive = open_archive(archive_path)
@@ -122,50 +142,87 @@ def restore_file(archive_path: str | Path, out: str | Path, overwrite: bool = Fa
     folder = archive_path / RESTORE_GROUP
     attrs = _restore_attributes(folder, archive.zarr_format)
     sha256, size = meta["source"]["sha256"], meta["source"]["size"]
-    if attrs.get("sha256") != sha256 or attrs.get("size") != size:
+    entries = attrs["files"]
+    if attrs.get("sha256") != sha256 or sum(e.get("size", 0) for e in entries) != size:
         raise DamagedArchiveError(f"{archive_path}: restore data names another source than the archive: it is damaged")
-    _check_output(out, archive_path, overwrite, sha256)
-    group = zarr.open_group(str(folder), mode="r")
-    skeleton, table = group["skeleton"], np.asarray(group["segments"][...], dtype=np.int64)
-    arrays, affixes = attrs["arrays"], [bytes.fromhex(a) for a in attrs["affixes"]]
-    _check_table(table, len(arrays), len(affixes), size, skeleton.shape[0], archive_path)
-    streams = ChunkStreams(archive, arrays, attrs.get("regenerated") or {})
+    many = bool(attrs.get("folder"))
+    _check_output(out, archive_path, overwrite, sha256, many)
     temporary = out.with_name(f".{out.name}.restoring-{uuid.uuid4().hex[:12]}")
-    digest = hashlib.sha256()
     try:
-        with open(temporary, "xb") as f:
-            def emit(data: bytes) -> None:
-                digest.update(data)
-                f.write(data)
-            at = skel = 0
-            bar = _progress(len(table), progress)
-            for offset, length, a, r, c, start, stop, prefix, suffix in table.tolist():
-                for k in range(skel, skel + offset - at, COPY_BLOCK):
-                    emit(skeleton[k:min(k + COPY_BLOCK, skel + offset - at)].tobytes())
-                skel += offset - at
-                data = affixes[prefix] + streams.get(a, r, c)[start:stop] + affixes[suffix]
-                if len(data) != length:
-                    raise DamagedArchiveError(f"{archive_path}: a kept segment at byte {offset} rebuilds to "
-                                              f"{len(data)} bytes, not {length}: the archive is damaged")
-                emit(data)
-                at = offset + length
-                bar.update(1)
-            bar.close()
-            for k in range(skel, skeleton.shape[0], COPY_BLOCK):
-                emit(skeleton[k:min(k + COPY_BLOCK, skeleton.shape[0])].tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        written = temporary.stat().st_size
-        if digest.hexdigest() != sha256 or written != size:
-            raise RestoreMismatchError(f"{archive_path}: the restored file has sha256 {digest.hexdigest()[:16]}... "
-                                       f"({written} bytes), not the source's {sha256[:16]}... ({size} bytes): "
-                                       "nothing was written")
-        os.replace(temporary, out)
+        if many:
+            temporary.mkdir()
+        for k, entry in enumerate(entries):
+            target = temporary / entry["name"] if many else temporary
+            restore_one(archive, folder / str(k), entry, target, progress)
+        if (_folder_digest(temporary) if many else entries[0]["sha256"]) != sha256:
+            raise RestoreMismatchError(f"{archive_path}: the restored source does not have the sha256 recorded at "
+                                       f"pack time ({sha256[:16]}...): nothing was written")
+        if out.exists():  # holds these exact bytes (checked): replaced whole
+            old = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:12]}")
+            out.rename(old)
+            temporary.rename(out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            temporary.rename(out)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True) if temporary.is_dir() else temporary.unlink(missing_ok=True)
         raise
     return {"archive": str(archive_path), "restored": str(out), "bytes": size, "sha256": sha256,
-            "source": meta["source"]["name"]}
+            "source": meta["source"]["name"], "files": len(entries)}
+
+
+def restore_one(archive, folder: Path, entry: dict, target: Path, progress: bool) -> None:
+    """One source file from its skeleton and its kept segments, checked against its sha256."""
+    import zarr
+    try:
+        skeleton = zarr.open_array(str(folder / "skeleton"), mode="r")
+        table = np.asarray(zarr.open_array(str(folder / "segments"), mode="r")[...], dtype=np.int64)
+        if skeleton.ndim != 1 or skeleton.dtype != np.uint8:
+            raise ValueError("the skeleton is not bytes")
+    except Exception as exc:  # noqa: BLE001 - zarr raises several types for missing or damaged arrays
+        raise DamagedArchiveError(f"{folder}: restore data missing or damaged ({type(exc).__name__})") from None
+    arrays, affixes = entry["arrays"], [bytes.fromhex(a) for a in entry["affixes"]]
+    _check_table(table, len(arrays), len(affixes), entry["size"], skeleton.shape[0], archive.path)
+    streams = ChunkStreams(archive, arrays, entry.get("regenerated") or {})
+    digest = hashlib.sha256()
+    with open(target, "xb") as f:
+        def emit(data: bytes) -> None:
+            digest.update(data)
+            f.write(data)
+        at = skel = 0
+        bar = _progress(len(table), progress)
+        for offset, length, a, r, c, start, stop, prefix, suffix in table.tolist():
+            for k in range(skel, skel + offset - at, COPY_BLOCK):
+                emit(skeleton[k:min(k + COPY_BLOCK, skel + offset - at)].tobytes())
+            skel += offset - at
+            data = affixes[prefix] + streams.get(a, r, c)[start:stop] + affixes[suffix]
+            if len(data) != length:
+                raise DamagedArchiveError(f"{archive.path}: a kept segment at byte {offset} of {entry['name']} "
+                                          f"rebuilds to {len(data)} bytes, not {length}: the archive is damaged")
+            emit(data)
+            at = offset + length
+            bar.update(1)
+        bar.close()
+        for k in range(skel, skeleton.shape[0], COPY_BLOCK):
+            emit(skeleton[k:min(k + COPY_BLOCK, skeleton.shape[0])].tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    written = target.stat().st_size
+    if digest.hexdigest() != entry["sha256"] or written != entry["size"]:
+        raise RestoreMismatchError(f"{archive.path}: the restored {entry['name']} has sha256 "
+                                   f"{digest.hexdigest()[:16]}... ({written} bytes), not the source's "
+                                   f"{entry['sha256'][:16]}... ({entry['size']} bytes): nothing was written")
+
+
+def folder_digest(files: list[Path]) -> str:
+    """A multi-file source's sha256: over ``sha256  name`` lines (sha256sum's format), sorted by name."""
+    from ..digests import file_sha256
+    lines = sorted(f"{file_sha256(p)}  {p.name}\n" for p in files)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _folder_digest(folder: Path) -> str:
+    return folder_digest([p for p in folder.iterdir() if p.is_file()])
 
 
 def _restore_attributes(folder: Path, zarr_format: int) -> dict:
@@ -175,9 +232,20 @@ def _restore_attributes(folder: Path, zarr_format: int) -> dict:
         attrs = fmt.attributes(json.loads((folder / fmt.root_file).read_text())).get("wsi_idf_restore")
     except (OSError, ValueError, AttributeError):
         attrs = None
+    names = set()
+
+    def good(entry: object) -> bool:
+        ok = (isinstance(entry, dict) and isinstance(entry.get("name"), str) and 0 < len(entry["name"]) <= 255
+              and "/" not in entry["name"] and entry["name"] not in (".", "..") and entry["name"] not in names
+              and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+              and isinstance(entry.get("arrays"), list) and isinstance(entry.get("affixes"), list)
+              and all(isinstance(a, str) and len(a) <= 64 for a in entry["affixes"]))
+        if ok:
+            names.add(entry["name"])
+        return ok
     if not isinstance(attrs, dict) or attrs.get("format_version") != RESTORE_FORMAT \
-            or not isinstance(attrs.get("arrays"), list) or not isinstance(attrs.get("affixes"), list) \
-            or not all(isinstance(a, str) and len(a) <= 64 for a in attrs["affixes"]):
+            or not isinstance(attrs.get("files"), list) or not 0 < len(attrs["files"]) <= MAX_FILES \
+            or not all(good(e) for e in attrs["files"]):
         raise DamagedArchiveError(f"{folder}: restore data missing or damaged")
     return attrs
 
@@ -198,7 +266,7 @@ def _check_table(table: np.ndarray, arrays: int, affixes: int, size: int, skelet
         raise DamagedArchiveError(f"{path}: restore table does not describe the source file: it is damaged")
 
 
-def _check_output(out: Path, archive_path: Path, overwrite: bool, sha256: str) -> None:
+def _check_output(out: Path, archive_path: Path, overwrite: bool, sha256: str, many: bool) -> None:
     from ..digests import file_sha256
     if out.resolve() == archive_path.resolve() or out.resolve().is_relative_to(archive_path.resolve()):
         raise ArchiveError(f"{out} is inside the archive {archive_path}; choose another output")
@@ -208,9 +276,12 @@ def _check_output(out: Path, archive_path: Path, overwrite: bool, sha256: str) -
         return
     if not overwrite:
         raise ArchiveError(f"{out} already exists; pass --overwrite to replace it")
-    if out.is_symlink() or not out.is_file() or file_sha256(out) != sha256:
-        raise ArchiveError(f"{out} exists and is not this archive's source file (its sha256 differs); --overwrite "
-                           "only replaces a file with the same bytes, so it was left untouched: choose another output")
+    same = not out.is_symlink() and (
+        out.is_dir() and _folder_digest(out) == sha256 and all(p.is_file() for p in out.iterdir()) if many
+        else out.is_file() and file_sha256(out) == sha256)
+    if not same:
+        raise ArchiveError(f"{out} exists and is not this archive's source (its sha256 differs); --overwrite "
+                           "only replaces the same bytes, so it was left untouched: choose another output")
 
 
 class ChunkStreams:

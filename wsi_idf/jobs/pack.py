@@ -184,10 +184,21 @@ def worker_name() -> str | None:
         return None
 
 
+def source_stat(files: list[Path]) -> dict:
+    """Size (all files) and latest modification time of a source's files: what must not change while packing."""
+    stats = [f.stat() for f in files]
+    return {"size": sum(s.st_size for s in stats), "mtime_ns": max(s.st_mtime_ns for s in stats)}
+
+
+def source_sha256(slide: Slide) -> str:
+    """A one-file source's sha256, or a folder's (``restore.folder_digest``)."""
+    from ..archive.restore import folder_digest
+    return file_sha256(slide.files[0]) if slide.files == [slide.path] else folder_digest(slide.files)
+
+
 def make_plan(slide: Slide, source: Path, model: str, weights: str, shard: int, zarr_format: int,
               drop_label: bool, layouts: list[LevelLayout] | None = None) -> dict:
-    stat = source.stat()
-    return {"source": {"name": source.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+    return {"source": {"name": source.name, **source_stat(slide.files)},
             "backend": slide.backend, "model": model, "weights": weights, "shard": shard, "zarr_format": zarr_format,
             "layouts": [asdict(layout) for layout in layouts or []],
             "drop_label": drop_label, "levels": [asdict(lv) for lv in slide.levels], "wsi_idf_version": __version__}
@@ -400,7 +411,7 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
             root, resumed = prepare_output(out, plan, overwrite, resume, source)
             try:
                 with ThreadPoolExecutor(1) as hasher:
-                    source_hash = hasher.submit(file_sha256, source)
+                    source_hash = hasher.submit(source_sha256, slide)
                     if not resumed or not (root / "0").exists():
                         create_levels(root, slide, model_entry.name, weights, layouts, zarr_format)
                     with runner(scheduler, workers, device, resources) as run:
@@ -417,7 +428,7 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
                     sha256 = source_hash.result()
                     restore = write_restore_data(root, slide, source, layouts, records, pieces, sha256,
                                                  zarr_format, not_restorable, restorable)
-                    check_unchanged(source, plan["source"])
+                    check_unchanged(slide, plan["source"])
             except SlideError:
                 shutil.rmtree(root, ignore_errors=True)  # the source is unreadable: resuming cannot help
                 raise
@@ -447,7 +458,7 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
                                       if not k.startswith("openslide.associated.label.")}
             meta = {"format_version": ARCHIVE_FORMAT, "wsi_idf_version": __version__,
                     "model": {"name": model_entry.name, "weights": weights},
-                    "source": {"name": source.name, "size": source.stat().st_size, "sha256": sha256,
+                    "source": {"name": source.name, "size": plan["source"]["size"], "sha256": sha256,
                                "backend": slide.backend, "decoder": info.pop("decoder")},
                     "slide": info, "levels": level_meta, "skipped_levels": slide.skipped_levels,
                     "associated": associated, "label_dropped": drop_label and "label" in slide.associated_names(),
@@ -466,12 +477,12 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
             return summary
 
 
-def check_unchanged(source: Path, recorded: dict) -> None:
+def check_unchanged(slide: Slide, recorded: dict) -> None:
     """Refuse a source that changed while it was packed (replaced, still being copied): the archive
     would mix two files and record a sha256 that matches neither."""
-    stat = source.stat()
-    if stat.st_size != recorded["size"] or stat.st_mtime_ns != recorded["mtime_ns"]:
-        raise SlideError(f"{source.name} changed while it was packed (size {recorded['size']} -> {stat.st_size} "
+    now = source_stat(slide.files)
+    if now != {k: recorded[k] for k in now}:
+        raise SlideError(f"{slide.path.name} changed while it was packed (size {recorded['size']} -> {now['size']} "
                          "bytes, or its modification time); nothing was written: pack it again once it is complete")
 
 
@@ -494,14 +505,14 @@ def write_restore_data(root: Path, slide: Slide, source: Path, layouts: list[Lev
     if obstacle is not None and (not restorable or obstacle.startswith("its label")):
         return {"restorable": False, "why": obstacle}
     pieces = dict(pieces)
-    offsets = {}
     for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):
         if layout.storage == "source":
             pieces[str(i)] = [p for box in shard_boxes(i, lv.height, lv.width, layout.shard)
                               for p in records[box.name]["pieces"]]
-    for name in pieces:
-        offsets[name] = slide.segment_offsets(int(name) if name.isdigit() else name.split("/", 1)[1])
-    return write_restore(root, source, offsets, pieces, sha256, zarr_format)
+    keys = {name: int(name) if name.isdigit() else name.split("/", 1)[1] for name in pieces}
+    offsets = {name: slide.segment_offsets(key) for name, key in keys.items()}
+    file_of = {name: slide.segment_file(key) for name, key in keys.items()}
+    return write_restore(root, slide.files, offsets, pieces, file_of, source.name, sha256, zarr_format)
 
 
 def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, device: str,
