@@ -117,3 +117,80 @@ def small_slide_and_archive(work: Path, seed: int, shard: int) -> tuple[Path, li
     archive = work / "reference.zarr"
     pack_slide(slide, archive, shard=shard, scheduler="synchronous")
     return slide, levels, archive
+
+
+def _jpeg_levels(seed: int, height: int, width: int, levels: int = 3) -> list[np.ndarray]:
+    return pyramid(mosaic(height, width, seed=seed), levels)
+
+
+def write_philips_tiff(path: Path, height: int = 700, width: int = 900, tile: int = 256, seed: int = 3) -> Path:
+    """A Philips TIFF as its scanner writes one: JPEG tiles, reduced levels padded to whole tiles with
+    white (their true size is in the DICOM_PIXEL_SPACING of the XML ImageDescription), a macro and a
+    label strip image. tifffile and OpenSlide both read it ("philips")."""
+    levels = _jpeg_levels(seed, height, width)
+    spacing = "".join(
+        '<DataObject ObjectType="PixelDataRepresentation"><Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" '
+        f'Element="0x0030" PMSVR="IDoubleArray">&quot;{0.00025 * 2**k:g}&quot; &quot;{0.00025 * 2**k:g}&quot;'
+        '</Attribute></DataObject>' for k in range(len(levels)))
+    xml = ('<?xml version="1.0" encoding="UTF-8" ?><DataObject ObjectType="DPUfsImport">'
+           '<Attribute Name="DICOM_MANUFACTURER" Group="0x0008" Element="0x0070" PMSVR="IString">PHILIPS</Attribute>'
+           '<Attribute Name="PIM_DP_SCANNED_IMAGES" Group="0x301D" Element="0x1003" PMSVR="IDataObjectArray"><Array>'
+           '<DataObject ObjectType="DPScannedImage"><Attribute Name="PIM_DP_IMAGE_TYPE" Group="0x301D" '
+           'Element="0x1004" PMSVR="IString">WSI</Attribute><Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE" '
+           'Group="0x1001" Element="0x8B01" PMSVR="IDataObjectArray"><Array>' + spacing +
+           '</Array></Attribute></DataObject></Array></Attribute></DataObject>')
+
+    def padded(image: np.ndarray) -> np.ndarray:
+        out = np.full((-(-image.shape[0] // tile) * tile, -(-image.shape[1] // tile) * tile, 3), 255, np.uint8)
+        out[:image.shape[0], :image.shape[1]] = image
+        return out
+
+    with tifffile.TiffWriter(path) as tif:
+        for k, image in enumerate(levels):
+            tif.write(image if k == 0 else padded(image), tile=(tile, tile), photometric="rgb", compression="jpeg",
+                      compressionargs={"level": 90}, description=xml if k == 0 else None,
+                      software="Philips DP v1.0", subfiletype=1 if k else 0, metadata=None)
+        for name, image in (("Macro", levels[-1][:100]), ("Label", levels[-1][:80, :120])):
+            tif.write(image, photometric="rgb", compression="jpeg", description=name, software="Philips DP v1.0",
+                      metadata=None)
+    return path
+
+
+def write_leica_scn(path: Path, height: int = 768, width: int = 1024, seed: int = 5) -> Path:
+    """A Leica SCN file: BigTIFF, an XML collection whose first image is a tiled JPEG macro, then the
+    main image's JPEG pyramid (IFDs 1-3). tifffile lists the macro first; OpenSlide opens it ("leica")."""
+    levels = _jpeg_levels(seed, height, width)
+    macro = levels[-1][:120, :200]
+    device = '<device model="Leica SCN400;Leica SCN" version="1.5.1.10864 2012/05/10 13:29:07;1.5.1.10864"/>'
+
+    def image(name: str, dims: str, view: int, objective: str) -> str:
+        return (f'<image name="{name}" uuid="urn:uuid:{name}"><creationDate>2026-12-06T00:00:00.00Z</creationDate>'
+                f'{device}<pixels sizeX="{dims.split()[0]}" sizeY="{dims.split()[1]}">{dims.split(" ", 2)[2]}</pixels>'
+                f'<view sizeX="{width * view}" sizeY="{height * view}" offsetX="0" offsetY="0" spacingZ="0"/>'
+                f'<scanSettings><objectiveSettings><objective>{objective}</objective></objectiveSettings>'
+                '<illuminationSettings><numericalAperture>0.4</numericalAperture><illuminationSource>brightfield'
+                '</illuminationSource></illuminationSettings></scanSettings></image>')
+    main_dims = "".join(f'<dimension sizeX="{width >> k}" sizeY="{height >> k}" r="{k}" ifd="{k + 1}"/>'
+                        for k in range(len(levels)))
+    xml = ('<?xml version="1.0" encoding="utf-8"?><scn xmlns="http://www.leica-microsystems.com/scn/2010/10/01">'
+           f'<collection name="test" uuid="urn:uuid:c" sizeX="{width * 1000}" sizeY="{height * 1000}">'
+           + image("macro", '200 120 <dimension sizeX="200" sizeY="120" r="0" ifd="0"/>', 1000, "0.625")
+           + image("main", f"{width} {height} {main_dims}", 500, "20") + '</collection></scn>')
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(macro, tile=(256, 256), photometric="rgb", compression="jpeg", description=xml, metadata=None)
+        for image_ in levels:
+            tif.write(image_, tile=(256, 256), photometric="rgb", compression="jpeg", compressionargs={"level": 90},
+                      metadata=None)
+    return path
+
+
+def write_ome_jpeg_pyramid(path: Path, height: int = 700, width: int = 900, seed: int = 3) -> Path:
+    """An OME-TIFF pyramid of JPEG tiles, reduced levels in SubIFDs (tifffile reads every level)."""
+    levels = _jpeg_levels(seed, height, width)
+    with tifffile.TiffWriter(path, ome=True, bigtiff=True) as tif:
+        tif.write(levels[0], tile=(256, 256), photometric="rgb", compression="jpeg", compressionargs={"level": 90},
+                  subifds=len(levels) - 1, metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+        for image in levels[1:]:
+            tif.write(image, tile=(256, 256), photometric="rgb", compression="jpeg", compressionargs={"level": 90},
+                      subfiletype=1)
+    return path

@@ -42,7 +42,7 @@ class TiffSlide(Slide):
                 self._tif = tifffile.TiffFile(path)
                 for _ in self._tif.pages:  # walk the whole IFD chain: a cut-off file breaks it
                     pass
-                series = self._tif.series[0]
+                series = main_series(self._tif)
             if errors:
                 self._tif.close()
                 raise SlideError(f"{path.name}: damaged or truncated TIFF ({errors[0]})")
@@ -108,7 +108,9 @@ class TiffSlide(Slide):
 
     def _associated_series(self) -> dict[str, object]:
         found = {}
-        for series in self._tif.series[1:]:
+        for series in self._tif.series:
+            if series is self._series:
+                continue
             name = (series.name or "").lower()
             if name in ASSOCIATED_NAMES and series.dtype == np.uint8 and series.shape[-1] == 3:
                 found[name] = series
@@ -149,7 +151,7 @@ class TiffSlide(Slide):
             return None
         if len(page.dataoffsets) != -(-page.imagelength // height) * across:
             return None
-        return SourceSegments(coding, height, width, across, len(page.dataoffsets))
+        return SourceSegments(coding, height, width, across, len(page.dataoffsets), tiled=page.is_tiled)
 
     def strip_recipe(self, name: str) -> dict | None:
         from .storage.tiff_strips import strip_recipe
@@ -222,6 +224,14 @@ class OpenSlideSlide(Slide):
 
     def close(self) -> None:
         self._slide.close()
+
+
+def main_series(tif):
+    """The slide's pyramid among a TIFF's series: the first, except in Leica SCN files, whose images
+    (a macro, then the scanned regions) come in the XML's order: there the largest is the slide."""
+    if tif.is_scn and len(tif.series) > 1:
+        return max(tif.series, key=lambda s: (int(np.prod(s.levels[0].shape[:2])), -tif.series.index(s)))
+    return tif.series[0]
 
 
 @contextmanager

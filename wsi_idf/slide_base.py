@@ -55,6 +55,7 @@ class SourceSegments:
     across: int  # tiles per row (1 for strips)
     count: int
     stack: int = 1  # restart intervals (NDPI) stacked into one square chunk, one above the other
+    tiled: bool = True  # False: strips (the last one may be short); tiles at an edge are whole tiles
 
     @property
     def chunk_height(self) -> int:

@@ -283,8 +283,12 @@ def write_associated_source(folder: Path, slide: Slide, name: str, model: str, w
         for i, data in enumerate(slide.read_segments(name, list(range(segments.count)))):
             r, c = divmod(i, across)
             true = (min(ch, h - r * ch), min(cw, w - c * cw))
-            blob, pixels, kept = encode_segment(data, segments.coding, true, Layout.INTERLEAVED, chunk=(ch, cw))
-            if not np.array_equal(pixels, image[r * ch:r * ch + true[0], c * cw:c * cw + true[1]]):
+            shape = (ch, cw) if segments.tiled else true  # a last strip is short; edge tiles are whole tiles
+            try:
+                blob, pixels, kept = encode_segment(data, segments.coding, shape, Layout.INTERLEAVED, chunk=(ch, cw))
+            except ValueError as exc:
+                raise ArchiveError(f"the {name} image's own segments cannot be kept ({exc}); use --codec idf") from None
+            if not np.array_equal(pixels[:true[0], :true[1]], image[r * ch:r * ch + true[0], c * cw:c * cw + true[1]]):
                 raise ArchiveError(f"the {name} image's own segments do not decode to its pixels; "
                                    "use --codec idf")
             chunks[(r, c)] = blob
