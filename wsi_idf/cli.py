@@ -145,7 +145,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
                "of the restore data (--restorable)" if s["restorable"] and not s["source_lossy"] else None)
         hint = ("; --codec auto keeps a file's own JPEG or JPEG 2000 tiles instead, pixel-exact and smaller"
                 if args.codec == "idf" else "")
-        text += f"\nnote: the archive is larger than the source file" + (f" because {why}" if why else "") + hint
+        text += "\nnote: the archive is larger than the source file" + (f" because {why}" if why else "") + hint
     text += ("\nrestore   `wsi-idf restore` gives the source file back byte for byte "
              f"({_mb(s['restore_bytes'])} of the archive)" if s["restorable"]
              else f"\nrestore   not restorable: {s['not_restorable_why']}")
@@ -217,8 +217,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print(json.dumps({"archive": str(args.archive), "ok": False, "error": str(exc)}))
         print(f"wsi-idf: error: {exc}", file=sys.stderr)
         return EXIT_VERIFY_FAILED
-    _emit(args, s, f"{s['archive']} -> {s['restored']}: {s['source']}, {s['bytes']:,} bytes, sha256 {s['sha256'][:16]}... "
-                   "equal to the source's")
+    if s["unchanged"]:
+        _emit(args, s, f"{s['restored']} already holds {s['source']} byte for byte (sha256 {s['sha256'][:16]}...): "
+                       "left as it is")
+    else:
+        _emit(args, s, f"{s['archive']} -> {s['restored']}: {s['source']}, {s['bytes']:,} bytes, sha256 "
+                       f"{s['sha256'][:16]}... equal to the source's")
     return 0
 
 
@@ -396,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("archive", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True, help="the file to write (e.g. slide.svs)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace OUTPUT only if it already holds the source's exact bytes (nothing else is replaced)")
+                   help="accept an existing OUTPUT that already holds the source's exact bytes (it is left as it is; "
+                        "anything else is refused, and nothing is ever replaced)")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("info", parents=[common], help="describe an archive: source, levels, model, sizes")

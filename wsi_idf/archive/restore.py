@@ -146,7 +146,10 @@ def restore_file(archive_path: str | Path, out: str | Path, overwrite: bool = Fa
     if attrs.get("sha256") != sha256 or sum(e.get("size", 0) for e in entries) != size:
         raise DamagedArchiveError(f"{archive_path}: restore data names another source than the archive: it is damaged")
     many = bool(attrs.get("folder"))
-    _check_output(out, archive_path, overwrite, sha256, many)
+    summary = {"archive": str(archive_path), "restored": str(out), "bytes": size, "sha256": sha256,
+               "source": meta["source"]["name"], "files": len(entries), "unchanged": False}
+    if _check_output(out, archive_path, overwrite, sha256, many):
+        return {**summary, "unchanged": True}  # already these exact bytes (perhaps the source itself): untouched
     temporary = out.with_name(f".{out.name}.restoring-{uuid.uuid4().hex[:12]}")
     try:
         if many:
@@ -157,18 +160,13 @@ def restore_file(archive_path: str | Path, out: str | Path, overwrite: bool = Fa
         if (_folder_digest(temporary) if many else entries[0]["sha256"]) != sha256:
             raise RestoreMismatchError(f"{archive_path}: the restored source does not have the sha256 recorded at "
                                        f"pack time ({sha256[:16]}...): nothing was written")
-        if out.exists():  # holds these exact bytes (checked): replaced whole
-            old = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:12]}")
-            out.rename(old)
-            temporary.rename(out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            temporary.rename(out)
+        if out.exists() or out.is_symlink():  # appeared meanwhile: never replaced
+            raise ArchiveError(f"{out} appeared while restoring; it was left untouched")
+        temporary.rename(out)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True) if temporary.is_dir() else temporary.unlink(missing_ok=True)
         raise
-    return {"archive": str(archive_path), "restored": str(out), "bytes": size, "sha256": sha256,
-            "source": meta["source"]["name"], "files": len(entries)}
+    return summary
 
 
 def restore_one(archive, folder: Path, entry: dict, target: Path, progress: bool) -> None:
@@ -266,14 +264,16 @@ def _check_table(table: np.ndarray, arrays: int, affixes: int, size: int, skelet
         raise DamagedArchiveError(f"{path}: restore table does not describe the source file: it is damaged")
 
 
-def _check_output(out: Path, archive_path: Path, overwrite: bool, sha256: str, many: bool) -> None:
+def _check_output(out: Path, archive_path: Path, overwrite: bool, sha256: str, many: bool) -> bool:
+    """Whether ``out`` already holds the source's exact bytes (then nothing is written: it may be the
+    source itself); raises where it holds anything else, or exists without ``overwrite``."""
     from ..digests import file_sha256
     if out.resolve() == archive_path.resolve() or out.resolve().is_relative_to(archive_path.resolve()):
         raise ArchiveError(f"{out} is inside the archive {archive_path}; choose another output")
     if not out.exists() and not out.is_symlink():
         if not out.parent.is_dir():
             raise ArchiveError(f"{out.parent}: no such folder")
-        return
+        return False
     if not overwrite:
         raise ArchiveError(f"{out} already exists; pass --overwrite to replace it")
     same = not out.is_symlink() and (
@@ -281,7 +281,8 @@ def _check_output(out: Path, archive_path: Path, overwrite: bool, sha256: str, m
         else out.is_file() and file_sha256(out) == sha256)
     if not same:
         raise ArchiveError(f"{out} exists and is not this archive's source (its sha256 differs); --overwrite "
-                           "only replaces the same bytes, so it was left untouched: choose another output")
+                           "accepts only a file holding the same bytes, so it was left untouched: choose another output")
+    return True
 
 
 class ChunkStreams:

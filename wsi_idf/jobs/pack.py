@@ -404,6 +404,8 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
     with slide:  # the client reads metadata and associated images; workers open their own handles
         layouts = plan_layouts(slide, codec, shard, zarr_format)
         not_restorable = restore_obstacle(slide, layouts, drop_label)
+        if not_restorable and not restorable:
+            log.warning("%s: the archive will not give the source file back: %s", source.name, not_restorable)
         plan = make_plan(slide, source, model_entry.name, weights, shard, zarr_format, drop_label, layouts)
         plan["restorable"] = restorable
         if not out.parent.exists():
