@@ -144,3 +144,17 @@ def test_a_dicom_series_folder_is_one_slide_and_restores_file_by_file(tmp_path, 
     (out / "boxes_1.dcm").write_bytes(b"changed")
     assert main(["restore", str(tmp_path / "boxes.zarr"), "-o", str(out), "--overwrite"]) == 1  # not the same: kept
     assert (out / "boxes_1.dcm").read_bytes() == b"changed"
+
+
+def test_a_series_folder_with_a_duplicate_level_is_refused(tmp_path):
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for name in ("a.dcm", "b.dcm"):
+        shutil.copyfile(SLIDES / "dicom" / "boxes" / "boxes_0.dcm", folder / name)
+    with pytest.raises(SlideError, match="two VOLUME instances of the same size"):
+        open_slide(folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no slide here")
+    with pytest.raises(SlideError, match="is a folder"):
+        open_slide(empty)

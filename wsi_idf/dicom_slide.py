@@ -176,6 +176,11 @@ class DicomSlide(Slide):
             raise SlideError(f"{path.name}: DICOM files of several series; give one series' folder")
         volumes = sorted((i for i in self.instances if i.flavor not in ASSOCIATED_FLAVORS),
                          key=lambda i: (-i.width, -i.height, i.path.name))
+        sizes = [(v.width, v.height) for v in volumes]
+        if len(set(sizes)) != len(sizes):
+            self.close()
+            raise SlideError(f"{path.name}: two VOLUME instances of the same size (a second focal plane, optical "
+                             "path or a duplicate file); wsi-idf archives one plane per level")
         if not volumes:  # a single file of another flavor is read as the image it is
             volumes = self.instances[:1]
         self.volumes = volumes

@@ -492,10 +492,15 @@ def check_unchanged(slide: Slide, recorded: dict) -> None:
                          "bytes, or its modification time); nothing was written: pack it again once it is complete")
 
 
+MULTI_FILE_FORMATS = {".mrxs", ".vms", ".vmu"}  # OpenSlide formats whose pixels live in files beside the named one
+
+
 def restore_obstacle(slide: Slide, layouts: list[LevelLayout], drop_label: bool) -> str | None:
     """Why the archive cannot give the source file back without ``--restorable`` (None: it can)."""
     if drop_label and "label" in slide.associated_names():
         return "its label was dropped (--drop-label), and a restored file would carry it"
+    if slide.backend == "openslide" and slide.path.suffix.lower() in MULTI_FILE_FORMATS:
+        return f"a {slide.path.suffix} slide keeps its pixels in other files beside it, which restore does not cover"
     coded = [str(i) for i, layout in enumerate(layouts) if layout.storage != "source"]
     if coded:
         return (f"level(s) {', '.join(coded)} are coded from their pixels, which cannot give the source's own "
@@ -508,7 +513,7 @@ def write_restore_data(root: Path, slide: Slide, source: Path, layouts: list[Lev
                        restorable: bool) -> dict:
     """``restore/`` (``archive.restore``) when the archive can give its source back, else why not."""
     from ..archive.restore import write_restore
-    if obstacle is not None and (not restorable or obstacle.startswith("its label")):
+    if obstacle is not None and (not restorable or not obstacle.startswith("level")):
         return {"restorable": False, "why": obstacle}
     pieces = dict(pieces)
     for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):
