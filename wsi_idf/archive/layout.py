@@ -191,6 +191,9 @@ def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
     _int(path, "source size", source.get("size"), 0, 2**62)
     _hex(path, "source sha256", source.get("sha256"), 64)
     _dict(path, "source decoder", source.get("decoder"))
+    if meta.get("archive_id") is not None or meta.get("checksums") is not None:  # archives of wsi-idf 0.5 on
+        _hex(path, "archive_id", meta.get("archive_id"), 32)
+        _dict(path, "checksums arrays", _dict(path, "checksums", meta.get("checksums")).get("arrays"))
     restore = meta.get("restore")
     if restore is not None and not isinstance(_dict(path, "restore", restore).get("restorable"), bool):
         raise _damaged(path, "restore restorable", "must be true or false")
@@ -231,13 +234,14 @@ def read_json(path: Path) -> dict:
     return value
 
 
-def check_level_array(path: Path, level: int, lv: dict, model: dict, zarr_format: int) -> None:
+def check_level_array(path: Path, level: int, lv: dict, model: dict, zarr_format: int,
+                      archive: str | None = None) -> None:
     """A level's own array metadata (what zarr reads) must be what the archive attributes describe:
     sizes come from the arrays, and the codec, its weights and the shard layout are wsi-idf's."""
     fmt = FORMATS[zarr_format]
     folder = path / str(level)
     meta = read_json(folder / fmt.array_file)
-    for key, value in fmt.expected_level_metadata(lv, model).items():
+    for key, value in fmt.expected_level_metadata(lv, model, archive).items():
         if meta.get(key) != value:
             raise DamagedArchiveError(f"{folder}: the level's array metadata ({key}) disagrees with the archive's "
                                       f"({str(meta.get(key))[:80]} vs {str(value)[:80]}): the archive is damaged or "
@@ -260,32 +264,37 @@ def check_small_array(folder: Path, zarr_format: int) -> tuple[tuple[int, ...], 
     return tuple(shape), tuple(chunks), kept
 
 
-def read_small_array(folder: Path, zarr_format: int) -> np.ndarray:
+def read_small_array(folder: Path, zarr_format: int, meta: dict | None = None, path: str | None = None) -> np.ndarray:
     """A preview level or associated image, each chunk decompressed into a buffer of exactly its
-    size: a zstd bomb raises instead of filling memory (plain zarr does not bound this)."""
+    size: a zstd bomb raises instead of filling memory (plain zarr does not bound this). With the
+    archive metadata ``meta``, each chunk must match the checksum recorded for array ``path``
+    (``integrity``): damage, a moved chunk or one from another archive raises."""
     from numcodecs import Zstd
     from ..storage.source_tiles import decode_chunk
+    from .integrity import check_chunk, chunk_boxes, expected_checksums
     shape, chunks, kept = check_small_array(folder, zarr_format)
+    boxes = chunk_boxes(shape, chunks)
+    expected = expected_checksums(meta, path, len(boxes)) if meta is not None else None
+    archive_id = meta.get("archive_id") if meta is not None else None
     out = np.empty(shape, dtype=np.uint8)
-    grid = [range(0, n, c) for n, c in zip(shape, chunks)]
-    for starts in np.ndindex(*(len(g) for g in grid)):
-        coords = tuple(int(i) for i in starts)
-        path = FORMATS[zarr_format].small_chunk_file(folder, coords)
+    for k, (coords, box) in enumerate(boxes):
+        chunk_path = FORMATS[zarr_format].small_chunk_file(folder, coords)
         buffer = np.empty(chunks, dtype=np.uint8)
         try:
-            with open(path, "rb") as f:
+            with open(chunk_path, "rb") as f:
                 data = f.read(MAX_SMALL_IMAGE_BYTES + 1)
             if kept:  # a source image kept by the wsi_idf codec; its decoder checks sizes first
                 buffer[...] = decode_chunk(data, chunks)
             else:
                 Zstd().decode(data, out=buffer)
         except FileNotFoundError:
-            raise ArchiveError(f"{path}: chunk missing: the archive is damaged") from None
+            raise ArchiveError(f"{chunk_path}: chunk missing: the archive is damaged") from None
         except (OSError, RuntimeError, ValueError, WsiIdfError) as exc:
-            raise ArchiveError(f"{path}: chunk does not decompress to its {buffer.nbytes} bytes ({exc}): "
+            raise ArchiveError(f"{chunk_path}: chunk does not decompress to its {buffer.nbytes} bytes ({exc}): "
                                "the archive is damaged") from None
-        box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, chunks, shape))
-        out[box] = buffer[tuple(slice(0, b.stop - b.start) for b in box)]
+        pixels = buffer[tuple(slice(0, b.stop - b.start) for b in box)]
+        check_chunk(archive_id, path or "", coords, pixels, expected[k] if expected else None, folder)
+        out[box] = pixels
     return out
 
 
@@ -347,14 +356,14 @@ class Archive:
         """An associated image (label, macro, thumbnail) as (h, w, 3) uint8, read with bounded memory."""
         if name not in self.metadata["associated"]:
             raise ArchiveError(f"{self.path}: no associated image {name!r}; it has {self.metadata['associated']}")
-        return read_small_array(self.path / "associated" / name, self.zarr_format)
+        return read_small_array(self.path / "associated" / name, self.zarr_format, self.metadata, f"associated/{name}")
 
     def preview(self, level: int = 0) -> np.ndarray:
         """A level of the zstd preview pyramid as (3, h, w) uint8, read with bounded memory."""
         levels = self.metadata.get("preview", {}).get("levels", 0)
         if not isinstance(level, int) or not 0 <= level < levels:
             raise ArchiveError(f"{self.path}: preview level {level} does not exist (it has {levels})")
-        return read_small_array(self.path / "preview" / str(level), self.zarr_format)
+        return read_small_array(self.path / "preview" / str(level), self.zarr_format, self.metadata, f"preview/{level}")
 
     def zarr_level(self, level: int):
         """The Zarr array of one level (what plain ``zarr.open_group(path)[str(level)]`` gives: no
@@ -381,11 +390,13 @@ def open_archive(path: str | Path) -> Archive:
         raise ArchiveError(f"{path}: cannot load the archive's model: {exc}") from None
     readers, levels = [], []
     for i, lv in enumerate(meta["levels"]):
-        check_level_array(path, i, lv, model, fmt)
+        check_level_array(path, i, lv, model, fmt, meta.get("archive_id"))
         shard = lv["shard"] if FORMATS[fmt].sharded else PATCH  # v2: one file per chunk
         reader = LevelReader(path / str(i), i, lv["height"], lv["width"], shard, fmt, coding_model,
                              bound=meta["format_version"] >= 2, storage=lv.get("storage", "idf"),
-                             chunk=lv.get("chunk", PATCH))
+                             chunk=lv.get("chunk", PATCH),
+                             archive_id=bytes.fromhex(meta["archive_id"]) if meta.get("archive_id") else None,
+                             source_codec=lv.get("source_codec"))
         readers.append(reader)
         levels.append(da.from_array(CheckedLevel(reader), chunks=(CHANNELS, lv["shard"], lv["shard"]),
                                     asarray=False, fancy=False, lock=False, meta=np.empty((0, 0, 0), np.uint8)))

@@ -51,6 +51,8 @@ class LevelReader:
     bound: bool  # patches carry their positions (archive format 2)
     storage: str = "idf"  # or "source": the slide's own tiles (``source_tiles``)
     chunk: int = PATCH  # chunk side: 80 for IDF patches, the tile side for source tiles
+    archive_id: bytes | None = None  # archives of wsi-idf 0.5 on: every chunk's checksum covers it
+    source_codec: str | None = None  # what the metadata says a source level's tiles are
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -101,17 +103,22 @@ class LevelReader:
         positions = [(self.level, r, c) for r, c in cells] if self.bound else None
         try:
             if self.storage == "source":
-                from ..storage.source_tiles import decode_chunk
+                from ..storage.source_tiles import chunk_codec, decode_chunk
                 shape = (CHANNELS, self.chunk, self.chunk)
                 out = np.empty((len(blobs), *shape), dtype=np.uint8)
                 for i, (blob, (r, c)) in enumerate(zip(blobs, cells)):
                     try:
-                        out[i] = decode_chunk(blob, shape, (self.level, r, c), check_position=self.bound)
+                        if self.source_codec is not None and chunk_codec(blob) != self.source_codec:
+                            raise CorruptPatchError(f"it holds {chunk_codec(blob)} data where the archive metadata says "
+                                                    f"the level's tiles are {self.source_codec} (one of them is damaged)")
+                        out[i] = decode_chunk(blob, shape, (self.level, r, c), check_position=self.bound,
+                                              archive_id=self.archive_id)
                     except CorruptPatchError as exc:
                         exc.index = i
                         raise
                 return out
-            return decode_patches(blobs, model=self.model, levels=flow_levels, positions=positions)
+            return decode_patches(blobs, model=self.model, levels=flow_levels, positions=positions,
+                                  archive_id=self.archive_id)
         except (CorruptPatchError, WeightsMismatchError) as exc:
             r, c = cells[exc.index] if getattr(exc, "index", None) is not None else (None, None)
             where = f"{'tile' if self.storage == 'source' else 'patch'} x={c * self.chunk}, y={r * self.chunk}" \

@@ -52,7 +52,7 @@ def check_patches(patches: np.ndarray) -> np.ndarray:
 
 def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int = DEFAULT_BATCH,
                    device: str | torch.device | None = "cpu", timings: dict[str, float] | None = None,
-                   positions: Sequence[fmt.Position] | None = None) -> list[bytes]:
+                   positions: Sequence[fmt.Position] | None = None, archive_id: bytes | None = None) -> list[bytes]:
     """Encode uint8 patches of shape (N, 3, 80, 80) to one self-describing byte string each.
 
     Each patch is stored in the smallest of its IDF, deflate and raw forms, so no patch ever
@@ -60,9 +60,11 @@ def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int 
     seconds spent in the network (``model_s``) and in entropy coding (``entropy_s``).
     ``positions`` ((pyramid level, chunk row, chunk column) per patch) binds each patch to its
     place in an archive: its checksum then covers the position, and readers that know where a
-    patch belongs refuse one found elsewhere.
+    patch belongs refuse one found elsewhere. ``archive_id`` (16 bytes) binds them to one archive
+    too (patch format 4): decoding then needs the same id.
     """
     patches = check_patches(patches)
+    version = fmt.version_for(archive_id)
     if positions is not None and len(positions) != len(patches):
         raise InvalidPatchError(f"{len(positions)} positions for {len(patches)} patches")
     places = [fmt.position_bytes(None if positions is None else tuple(positions[i])) for i in range(len(patches))]
@@ -77,11 +79,12 @@ def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int 
         payloads = streams.encode_batch(latents)
         blobs = []
         for i, payload in zip(batch, payloads):
-            crc = fmt.pixel_checksum(patches[i], places[i])
+            crc = fmt.pixel_checksum(patches[i], places[i] + (archive_id or b""))
             # deflate costs ~0.4 ms a patch and wins on flat or synthetic content
-            plain = fmt.encode_plain(patches[i], coding_model.weights_id, crc, places[i])
+            plain = fmt.encode_plain(patches[i], coding_model.weights_id, crc, places[i], version)
             blobs.append(plain if payload is None else
-                         min(fmt.pack(fmt.Mode.IDF, coding_model.weights_id, crc, payload, places[i]), plain, key=len))
+                         min(fmt.pack(fmt.Mode.IDF, coding_model.weights_id, crc, payload, places[i], version), plain,
+                             key=len))
         return blobs, t1 - t0, time.perf_counter() - t1
 
     done = in_batches(encode_batch, len(patches), batch_size, coding_model)
@@ -108,7 +111,7 @@ def check_levels(levels: int | None, model: CodingModel) -> None:
 
 def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: int = DEFAULT_BATCH,
                    device: str | torch.device | None = "cpu", levels: int | None = None,
-                   positions: Sequence[fmt.Position] | None = None) -> np.ndarray:
+                   positions: Sequence[fmt.Position] | None = None, archive_id: bytes | None = None) -> np.ndarray:
     """Decode byte strings from ``encode_patches`` to uint8 (N, 3, 80, 80).
 
     ``model`` None takes the model each patch names; a model name takes that model with the
@@ -122,6 +125,8 @@ def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: i
 
     ``positions`` (where each blob was found in an archive) refuses a patch written for
     another place, or not bound to any: a moved or aliased chunk is damage, not a valid patch.
+    ``archive_id``: the id of the archive the blobs were read from (patch format 4 needs it; a patch
+    of another archive then fails its checksum).
     """
     out = np.empty((len(blobs), CHANNELS, PATCH, PATCH), dtype=np.uint8)
     headers, payloads = [], []
@@ -166,8 +171,15 @@ def decode_patches(blobs: Sequence[bytes], model: ModelArg = None, batch_size: i
             i, error = min(damaged)
             raise CorruptPatchError(f"patch {i} is damaged: {error}", index=i)
     for i, header in enumerate(headers):
-        if i not in preview and fmt.header_checksum(header, out[i]) != header.crc32c:
-            raise CorruptPatchError(f"patch {i} is damaged: pixel checksum (CRC32C) mismatch", index=i)
+        if i in preview:
+            continue
+        try:
+            ok = fmt.header_checksum(header, out[i], archive_id) == header.crc32c
+        except CorruptPatchError as exc:
+            raise CorruptPatchError(f"patch {i} cannot be checked: {exc}", index=i) from None
+        if not ok:
+            raise CorruptPatchError(f"patch {i} is damaged: pixel checksum (CRC32C) mismatch (or it belongs to another "
+                                    "archive)", index=i)
     return out
 
 

@@ -24,6 +24,11 @@ prefix of the bytes decodes the coarse levels alone::
 Version 3 IDF payload: as version 2, with ``4(S-1)`` bytes after the word counts holding, for
 each stream but the last, the CRC32C of its word count and words: a preview decodes only
 checked streams (the last stream is checked through the pixel checksum).
+
+Version 4 (wsi-idf 0.5, patches written into an archive): the bytes of version 3, with the CRC32C
+extended over the archive's 16-byte id after the position, so a chunk copied from another archive
+(or read through a handle opened before an overwrite) fails its check. The id is not stored in the
+patch: the reader takes it from the archive (the codec configuration, the root metadata).
 """
 from __future__ import annotations
 
@@ -39,8 +44,10 @@ from ..config import CHANNELS, PATCH
 from ..errors import CorruptPatchError
 
 MAGIC = b"WI"
-PATCH_FORMAT = 3  # written; every version in READABLE_VERSIONS is read
-READABLE_VERSIONS = (1, 2, 3)
+PATCH_FORMAT = 3  # written outside archives; every version in READABLE_VERSIONS is read
+ARCHIVE_PATCH_FORMAT = 4  # written into an archive: the checksum covers the archive's id too
+READABLE_VERSIONS = (1, 2, 3, 4)
+ARCHIVE_ID_BYTES = 16
 HEADER = struct.Struct("<2sBB4sI")
 POSITION = struct.Struct("<BHH")
 NO_LEVEL = 255  # a patch coded outside an archive (``encode_patches``, plain zarr writes)
@@ -88,14 +95,26 @@ def pixel_checksum(patch: np.ndarray, position: bytes = b"") -> int:
     return google_crc32c.extend(crc, position) if position else crc
 
 
-def pack(mode: Mode, weights_id: bytes, crc: int, payload: bytes, position: bytes) -> bytes:
-    """A version 3 patch; ``crc`` is ``pixel_checksum(pixels, position)``."""
-    return HEADER.pack(MAGIC, PATCH_FORMAT, int(mode), weights_id, crc) + position + payload
+def version_for(archive_id: bytes | None) -> int:
+    """The patch format written: 4 inside an archive (its id given), else 3."""
+    if archive_id is not None and len(archive_id) != ARCHIVE_ID_BYTES:
+        raise ValueError(f"an archive id is {ARCHIVE_ID_BYTES} bytes, not {len(archive_id)}")
+    return ARCHIVE_PATCH_FORMAT if archive_id is not None else PATCH_FORMAT
 
 
-def header_checksum(header: PatchHeader, pixels: np.ndarray) -> int:
-    """The checksum a header's pixels must have (its version's rule)."""
+def pack(mode: Mode, weights_id: bytes, crc: int, payload: bytes, position: bytes, version: int = PATCH_FORMAT) -> bytes:
+    """A version 3 (or, in an archive, 4) patch; ``crc`` is ``pixel_checksum(pixels, position [+ archive id])``."""
+    return HEADER.pack(MAGIC, version, int(mode), weights_id, crc) + position + payload
+
+
+def header_checksum(header: PatchHeader, pixels: np.ndarray, archive_id: bytes | None = None) -> int:
+    """The checksum a header's pixels must have (its version's rule); version 4 needs its archive's id."""
     extra = position_bytes(header.position) if header.version >= 3 else b""
+    if header.version >= 4:
+        if archive_id is None:
+            raise CorruptPatchError("it belongs to an archive, and this reader was not given the archive's id "
+                                    "(read it through its archive, or the array's own codec configuration)")
+        extra += archive_id
     return pixel_checksum(pixels, extra)
 
 
@@ -122,13 +141,13 @@ def unpack(blob: bytes) -> tuple[PatchHeader, memoryview]:
     return PatchHeader(mode, bytes(weights_id), crc, version, position), blob[HEADER.size + POSITION.size:]
 
 
-def encode_plain(patch: np.ndarray, weights_id: bytes, crc: int, position: bytes) -> bytes:
+def encode_plain(patch: np.ndarray, weights_id: bytes, crc: int, position: bytes, version: int = PATCH_FORMAT) -> bytes:
     """The fallback: deflate if it is smaller than raw, else raw."""
     raw = np.ascontiguousarray(patch).tobytes()
     packed = zlib.compress(raw, 9)
     if len(packed) < len(raw):
-        return pack(Mode.DEFLATE, weights_id, crc, packed, position)
-    return pack(Mode.RAW, weights_id, crc, raw, position)
+        return pack(Mode.DEFLATE, weights_id, crc, packed, position, version)
+    return pack(Mode.RAW, weights_id, crc, raw, position, version)
 
 
 def decode_plain(header: PatchHeader, payload: memoryview) -> np.ndarray:

@@ -81,6 +81,7 @@ class ShardJob:
     layouts: tuple[LevelLayout, ...]
     zarr_format: int
     torch_threads: int
+    archive_id: str | None = None  # enters every chunk's checksum (patch format 4)
 
 
 def partial_path(out: Path) -> Path:
@@ -108,7 +109,8 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
     per_side = layout.shard // PATCH
     cells = [(box.row * per_side + int(r), box.col * per_side + int(c)) for r, c in np.argwhere(present)]
     blobs = encode_patches(patches, model=model, batch_size=64 if device == "cpu" else 256, device=device,
-                           timings=timings, positions=[(box.level, r, c) for r, c in cells])
+                           timings=timings, positions=[(box.level, r, c) for r, c in cells],
+                           archive_id=bytes.fromhex(job.archive_id) if job.archive_id else None)
     t1 = time.perf_counter()
     fmt = FORMATS[job.zarr_format]
     if fmt.sharded:
@@ -138,6 +140,7 @@ def keep_source_shard(box: ShardBox, job: ShardJob, layout: LevelLayout) -> dict
     members = [[(r * segments.stack + k) * segments.across + c for k in range(segments.stack)
                 if r * segments.stack + k < tile_rows] for r, c in cells]
     raw = iter(slide.read_segments(box.level, [i for group in members for i in group]))
+    archive_id = bytes.fromhex(job.archive_id) if job.archive_id else None
     t1 = time.perf_counter()
     region = np.empty((rows * tile, cols * tile, 3), dtype=np.uint8)
     blobs, pieces, source_bytes = [], [], 0
@@ -146,10 +149,10 @@ def keep_source_shard(box: ShardBox, job: ShardJob, layout: LevelLayout) -> dict
         source_bytes += sum(map(len, data))
         if segments.stack > 1:
             blob, pixels, kept = encode_intervals(data, segments.coding, group, segments.count, Layout.PLANAR,
-                                                  (box.level, r, c), (tile, tile))
+                                                  (box.level, r, c), (tile, tile), archive_id)
         else:
             blob, pixels, kept = encode_segment(data[0], segments.coding, (tile, tile), Layout.PLANAR,
-                                                (box.level, r, c))
+                                                (box.level, r, c), archive_id=archive_id)
         if len(blob) > max_chunk_bytes(tile, tile):
             raise SlideError(f"level {box.level} tile ({r}, {c}) takes {len(blob)} bytes, more than twice its raw "
                              "pixels: it cannot be kept; use --codec idf")
@@ -206,7 +209,9 @@ def make_plan(slide: Slide, source: Path, model: str, weights: str, shard: int, 
 
 def prepare_output(out: Path, plan: dict, overwrite: bool, resume: bool, source: Path) -> tuple[Path, bool]:
     """The partial folder to build in, and whether it resumes earlier work. Refuses to clobber anything
-    wsi-idf did not write (``outputs.check_output``)."""
+    wsi-idf did not write (``outputs.check_output``). Sets ``plan["archive_id"]``: the unfinished
+    pack's own when resuming, else a new one."""
+    from ..archive.integrity import new_archive_id
     partial = partial_path(out)
     check_output(out, overwrite, "archive", (source,))
     if partial.exists() and not is_unfinished_pack(partial):
@@ -216,15 +221,17 @@ def prepare_output(out: Path, plan: dict, overwrite: bool, resume: bool, source:
         if resume:
             plan_file = partial / PLAN_FILE
             earlier = json.loads(plan_file.read_text()) if plan_file.is_file() else None
-            if earlier != plan:
+            if not isinstance(earlier, dict) or {k: v for k, v in earlier.items() if k != "archive_id"} != plan:
                 raise ArchiveError(f"the unfinished pack at {partial} was started with another source or other "
                                    "settings; pass --overwrite to start again")
             remove_stale_temporaries(partial)  # a shard write cut by the kill: the shard is redone
+            plan["archive_id"] = earlier.get("archive_id") or new_archive_id()  # packs of 0.4 had none
             return partial, True
         if not overwrite:
             raise ArchiveError(f"an unfinished pack exists at {partial}; pass --resume to finish it or "
                                "--overwrite to start again")
         shutil.rmtree(partial)
+    plan["archive_id"] = new_archive_id()
     try:
         partial.mkdir(parents=True)
         write_atomic(partial / PLAN_FILE, json.dumps(plan).encode())
@@ -235,21 +242,24 @@ def prepare_output(out: Path, plan: dict, overwrite: bool, resume: bool, source:
 
 
 def create_levels(root: Path, slide: Slide, model: str, weights: str, layouts: list[LevelLayout],
-                  zarr_format: int) -> None:
+                  zarr_format: int, archive_id: str | None = None) -> None:
     import zarr
     for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):
         zarr.create_array(store=str(root / str(i)), **FORMATS[zarr_format].level_array_kwargs(
-            lv.height, lv.width, layout.shard, model, weights, chunk=layout.chunk))
+            lv.height, lv.width, layout.shard, model, weights, chunk=layout.chunk, archive=archive_id))
 
 
 def write_associated(root: Path, slide: Slide, drop_label: bool, zarr_format: int, keep_source: bool = False,
-                     model: str = "fast", weights: str | None = None) -> tuple[list[str], dict[str, list]]:
+                     model: str = "fast", weights: str | None = None, archive_id: str | None = None,
+                     checksums: dict | None = None) -> tuple[list[str], dict[str, list]]:
     """Label, macro and thumbnail images, losslessly; the label is left out on request.
 
     In zstd by default; with ``keep_source`` (Zarr v3) a JPEG image keeps its own strips or tiles
     (recompressed with JPEG XL) and any other is stored as one lossless JPEG XL chunk, through the
     ``wsi_idf`` codec: several times smaller, and a plain zarr reader with wsi-idf installed reads them.
-    Returns the names written and, per image whose segments were kept, their pieces (``piece_record``)."""
+    Returns the names written and, per image whose segments were kept, their pieces (``piece_record``);
+    each array's chunk checksums go into ``checksums`` (``archive.integrity``)."""
+    from ..archive.integrity import array_checksums
     import zarr
     names = [n for n in slide.associated_names() if not (drop_label and n == "label")]
     pieces: dict[str, list] = {}
@@ -263,14 +273,18 @@ def write_associated(root: Path, slide: Slide, drop_label: bool, zarr_format: in
             image = slide.associated(name)
             arr = zarr.create_array(store=str(folder), **fmt.standard_array_kwargs(image.shape, ("y", "x", "c")))
             arr[...] = image
-            continue
-        kept = write_associated_source(folder, slide, name, model, weights)
-        if kept:
-            pieces[f"associated/{name}"] = kept
+            chunks = fmt.standard_chunks(image.shape)
+        else:
+            kept, image, chunks = write_associated_source(folder, slide, name, model, weights)
+            if kept:
+                pieces[f"associated/{name}"] = kept
+        if checksums is not None and archive_id:
+            checksums[f"associated/{name}"] = array_checksums(archive_id, f"associated/{name}", image, chunks)
     return names, pieces
 
 
-def write_associated_source(folder: Path, slide: Slide, name: str, model: str, weights: str | None) -> list:
+def write_associated_source(folder: Path, slide: Slide, name: str, model: str, weights: str | None
+                            ) -> tuple[list, np.ndarray, tuple[int, int, int]]:
     import zarr
     from ..storage.source_tiles import Layout, encode_pixels, encode_segment
     from ..storage.zarr_codec import WsiIdfCodec
@@ -308,13 +322,14 @@ def write_associated_source(folder: Path, slide: Slide, name: str, model: str, w
                       dimension_names=("y", "x", "c"), overwrite=True)
     for (r, c), blob in chunks.items():
         write_atomic(FORMATS[3].small_chunk_file(folder, (r, c, 0)), blob)
-    return pieces
+    return pieces, image, (ch, cw, 3)
 
 
 PREVIEW_MAX_SOURCE = 512  # when levels keep their compact source tiles, a zstd preview would dominate the archive
 
 
-def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp, max_side: int = PREVIEW_MAX) -> int:
+def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp, max_side: int = PREVIEW_MAX,
+                  archive_id: str | None = None, checksums: dict | None = None) -> int:
     """A small pyramid (longest side at most 1024 and at least 8x below level 0, halving down to 256) in
     zstd, from the smallest level.
 
@@ -345,6 +360,10 @@ def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp, ma
         arr = zarr.create_array(store=str(root / "preview" / str(level)),
                                 **FORMATS[zarr_format].standard_array_kwargs(planar.shape, ("c", "y", "x")))
         arr[...] = planar
+        if checksums is not None and archive_id:
+            from ..archive.integrity import array_checksums
+            checksums[f"preview/{level}"] = array_checksums(archive_id, f"preview/{level}", planar,
+                                                            FORMATS[zarr_format].standard_chunks(planar.shape))
         datasets.append((str(level), downsample))
         if max(image.shape[:2]) <= PREVIEW_MIN or min(image.shape[:2]) < 2:
             break
@@ -419,18 +438,21 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
                 with ThreadPoolExecutor(1) as hasher:
                     source_hash = hasher.submit(source_sha256, slide)
                     if not resumed or not (root / "0").exists():
-                        create_levels(root, slide, model_entry.name, weights, layouts, zarr_format)
+                        create_levels(root, slide, model_entry.name, weights, layouts, zarr_format, plan["archive_id"])
                     with runner(scheduler, workers, device, resources) as run:
                         records, stats = run_shards(run, slide, root, model_entry.name, weights, device, layouts,
-                                                    zarr_format, progress)
+                                                    zarr_format, progress, plan["archive_id"])
+                    archive_id, checksums = plan["archive_id"], {}
                     associated, pieces = write_associated(root, slide, drop_label, zarr_format,
                                                           keep_source=codec != "idf", model=model_entry.name,
-                                                          weights=weights)
+                                                          weights=weights, archive_id=archive_id, checksums=checksums)
                     keeps = any(layout.storage == "source" for layout in layouts)
                     preview_levels = write_preview(root, slide, zarr_format, source.stem, slide.info.mpp,
-                                                   PREVIEW_MAX_SOURCE if keeps else PREVIEW_MAX)
+                                                   PREVIEW_MAX_SOURCE if keeps else PREVIEW_MAX, archive_id, checksums)
                     if keeps:
                         preview_levels = drop_costly_preview(root, records, preview_levels)
+                    checksums = {k: v for k, v in checksums.items() if not k.startswith("preview/")
+                                 or int(k.split("/")[1]) < preview_levels}
                     sha256 = source_hash.result()
                     restore = write_restore_data(root, slide, source, layouts, records, pieces, sha256,
                                                  zarr_format, not_restorable, restorable)
@@ -462,7 +484,9 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
             if drop_label:
                 info["properties"] = {k: v for k, v in info["properties"].items()
                                       if not k.startswith("openslide.associated.label.")}
-            meta = {"format_version": ARCHIVE_FORMAT, "wsi_idf_version": __version__,
+            from ..archive.integrity import ALGORITHM
+            meta = {"format_version": ARCHIVE_FORMAT, "wsi_idf_version": __version__, "archive_id": archive_id,
+                    "checksums": {"algorithm": ALGORITHM, "arrays": checksums},
                     "model": {"name": model_entry.name, "weights": weights},
                     "source": {"name": source.name, "size": plan["source"]["size"], "sha256": sha256,
                                "backend": slide.backend, "decoder": info.pop("decoder")},
@@ -527,11 +551,12 @@ def write_restore_data(root: Path, slide: Slide, source: Path, layouts: list[Lev
 
 
 def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, device: str,
-               layouts: list[LevelLayout], zarr_format: int, progress: bool) -> tuple[dict[str, dict], dict]:
+               layouts: list[LevelLayout], zarr_format: int, progress: bool,
+               archive_id: str | None = None) -> tuple[dict[str, dict], dict]:
     """Encode every shard not yet recorded; return the records of all shards by name, and the
     seconds per stage summed over the tasks run now with the workers that ran them."""
     job = ShardJob(slide.ref, str(root.resolve()), model, weights, device, tuple(layouts), zarr_format,
-                   run.torch_threads)
+                   run.torch_threads, archive_id)
     records: dict[str, dict] = {}
     todo: list[ShardBox] = []
     for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):

@@ -112,6 +112,47 @@ def check_stored_count(archive, level: int, lv: dict) -> None:
         raise VerificationError(f"{archive.path}: verification failed: {message}", problems=[message])
 
 
+def check_other_arrays(archive) -> list[str]:
+    """Every array besides the levels: associated images and preview levels read in full (each chunk
+    against its recorded checksum), folders the metadata does not name, and the restore data."""
+    from ..archive.restore import check_restore_data
+    from ..errors import ArchiveError
+    meta, problems = archive.metadata, []
+    for name in meta["associated"]:
+        try:
+            archive.associated(name)
+        except ArchiveError as exc:
+            problems.append(f"associated image {name}: {exc}")
+    for level in range(meta.get("preview", {}).get("levels", 0)):
+        try:
+            archive.preview(level)
+        except ArchiveError as exc:
+            problems.append(f"preview level {level}: {exc}")
+    folder = archive.path / "associated"
+    stored = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if stored != sorted(meta["associated"]):
+        problems.append(f"associated images stored ({', '.join(stored) or 'none'}) are not those the metadata names "
+                        f"({', '.join(meta['associated']) or 'none'})")
+    return problems + check_restore_data(archive)
+
+
+def check_stored_bytes(archive) -> list[str]:
+    """Each level's ``encoded_bytes`` must be what its chunk files hold (less the shard indexes)."""
+    from ..storage.shards import ShardIndex
+    fmt = FORMATS[archive.zarr_format]
+    problems = []
+    for i, lv in enumerate(archive.metadata["levels"]):
+        folder = fmt.chunk_files_folder(archive.path / str(i))
+        stored = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+        if fmt.sharded:
+            cells = (lv["shard"] // lv.get("chunk", 80)) ** 2
+            stored -= len(shard_boxes(i, lv["height"], lv["width"], lv["shard"])) * ShardIndex.nbytes(cells)
+        if stored != lv["encoded_bytes"]:
+            problems.append(f"level {i}: the metadata says its chunks take {lv['encoded_bytes']:,} bytes; "
+                            f"{stored:,} are stored")
+    return problems
+
+
 def verify_archive(path: str | Path, source: str | Path | None = None, backend: str = "auto",
                    scheduler: str | None = None, workers: int | None = None, progress: bool = False) -> dict:
     """Decode everything and check checksums (and the source's pixels); raise ArchiveError on any problem."""
@@ -144,6 +185,7 @@ def verify_archive(path: str | Path, source: str | Path | None = None, backend: 
             results[result["shard"]] = result
     problems = [f"shard {name}: {r['error']}" for name, r in sorted(results.items()) if r["error"]]
     damaged = sorted(p for r in results.values() for p in r["damaged"])
+    problems += check_other_arrays(archive) + check_stored_bytes(archive)
     for i, lv in enumerate(meta["levels"]):
         digests = [results[b.name]["digest"] for b in shard_boxes(i, lv["height"], lv["width"], lv["shard"])]
         if None not in digests and level_checksum([bytes.fromhex(d) for d in digests]) != lv["checksum"]["value"]:

@@ -31,6 +31,9 @@ class WsiIdf(Codec):
     weights : str, optional
         The sha256 of the model file. Stored in the array metadata; decoding refuses
         when the installed weights differ. Defaults to the installed weights.
+    archive : str, optional
+        The id of the archive the array belongs to (32 hex digits): chunks are written in patch
+        format 4, whose checksum covers it, so a chunk of another archive fails to decode.
 
     The network runs where ``WSI_IDF_DEVICE`` says (auto: the GPU when there is one); the
     bytes and pixels are the same on every device.
@@ -49,12 +52,17 @@ class WsiIdf(Codec):
 
     codec_id = "wsi_idf"
 
-    def __init__(self, model: str = DEFAULT_MODEL, weights: str | None = None):
+    def __init__(self, model: str = DEFAULT_MODEL, weights: str | None = None, archive: str | None = None):
         # the configuration may come from a hostile archive: only a registered name and a hex
         # hash pass, and the model loads on first use, so opening an array never fails on it
         self.model = check_model_name(model)
         self._model: CodingModel | None = None  # runtime state, loaded on first use
         self.weights = check_weights_id(model_sha256(model) if weights is None else weights)
+        self.archive = check_archive_id(archive)
+
+    @property
+    def _archive_id(self) -> bytes | None:
+        return bytes.fromhex(self.archive) if self.archive else None
 
     @property
     def _coding_model(self) -> CodingModel:
@@ -70,7 +78,7 @@ class WsiIdf(Codec):
                                     f"got {arr.nbytes} bytes of {arr.dtype}")
         patch = arr.reshape(1, CHANNELS, PATCH, PATCH)
         from ..coding.batch import encode_patches
-        return encode_patches(patch, model=self._coding_model)[0]
+        return encode_patches(patch, model=self._coding_model, archive_id=self._archive_id)[0]
 
     def decode(self, buf, out=None):
         data = bytes(ensure_contiguous_ndarray(buf)) if not isinstance(buf, bytes) else buf
@@ -80,7 +88,7 @@ class WsiIdf(Codec):
     def encode_many(self, patches: np.ndarray) -> list[bytes]:
         """Encode (N, 3, 80, 80) uint8 patches in one batch."""
         from ..coding.batch import encode_patches
-        return encode_patches(patches, model=self._coding_model)
+        return encode_patches(patches, model=self._coding_model, archive_id=self._archive_id)
 
     def decode_many(self, blobs: list[bytes], shape: tuple[int, ...] = (CHANNELS, PATCH, PATCH)) -> np.ndarray:
         """Decode many chunks of one ``shape`` in one batch: (N, *shape) uint8. Chunks that keep a
@@ -88,24 +96,36 @@ class WsiIdf(Codec):
         if any(len(b) > 3 and b[:2] == fmt.MAGIC and b[3] == fmt.Mode.SOURCE for b in blobs) \
                 or tuple(shape) != (CHANNELS, PATCH, PATCH):
             from .source_tiles import decode_chunk
-            return np.stack([decode_chunk(blob, tuple(shape)) for blob in blobs]) if blobs else \
+            return np.stack([decode_chunk(blob, tuple(shape), archive_id=self._archive_id) for blob in blobs]) if blobs else \
                 np.empty((0, *shape), np.uint8)
         from ..coding.batch import DEFAULT_BATCH, decode_patches, on_cpu
         model = self._coding_model  # the array's own weights missing is not chunk damage
         # a GPU takes the whole request in one pass; CPU cores take it in batches side by side
         batch_size = DEFAULT_BATCH if on_cpu(model) else max(DEFAULT_BATCH, len(blobs))
         try:
-            return decode_patches(blobs, model=model, batch_size=batch_size)
+            return decode_patches(blobs, model=model, batch_size=batch_size, archive_id=self._archive_id)
         except WeightsMismatchError as exc:
             # the array pins its weights, so a chunk naming others has a damaged header
             raise CorruptPatchError(f"a chunk names other weights than its array ({exc}): the chunk is "
                                     "damaged") from None
 
     def __reduce__(self):  # pickle the configuration, not the loaded model (Dask ships codecs to workers)
-        return type(self), (self.model, self.weights)
+        return type(self), (self.model, self.weights, self.archive)
 
     def get_config(self) -> dict:
-        return {"id": self.codec_id, "model": self.model, "weights": self.weights}
+        config = {"id": self.codec_id, "model": self.model, "weights": self.weights}
+        return {**config, "archive": self.archive} if self.archive else config
 
     def __repr__(self) -> str:
-        return f"WsiIdf(model={self.model!r}, weights={self.weights[:12]!r}...)"
+        archive = f", archive={self.archive!r}" if self.archive else ""
+        return f"WsiIdf(model={self.model!r}, weights={self.weights[:12]!r}...{archive})"
+
+
+def check_archive_id(archive: object) -> str | None:
+    """An archive id from a configuration (untrusted): None, or 32 lowercase hex digits."""
+    if archive is None:
+        return None
+    if not isinstance(archive, str) or len(archive) != 32 or not set(archive) <= set("0123456789abcdef"):
+        raise CorruptPatchError(f"archive id {str(archive)[:40]!r} is not 32 lowercase hex digits: the metadata "
+                                "naming it is damaged")
+    return archive

@@ -223,8 +223,8 @@ def _padded(pixels: np.ndarray, chunk: tuple[int, int]) -> np.ndarray:
 
 
 def encode_segment(segment: bytes, coding: TileCoding, shape: tuple[int, int], layout: Layout,
-                   position: fmt.Position | None = None, chunk: tuple[int, int] | None = None
-                   ) -> tuple[bytes, np.ndarray, list[Piece]]:
+                   position: fmt.Position | None = None, chunk: tuple[int, int] | None = None,
+                   archive_id: bytes | None = None) -> tuple[bytes, np.ndarray, list[Piece]]:
     """A chunk keeping one source segment of ``shape`` (h, w) in a chunk of ``chunk`` (default: the
     same), its (h, w, 3) pixels (for checksums and verification), and the piece that gives the
     segment's own bytes back."""
@@ -232,16 +232,17 @@ def encode_segment(segment: bytes, coding: TileCoding, shape: tuple[int, int], l
     if pixels.shape[:2] != tuple(shape):
         raise ValueError(f"a source segment decodes to {pixels.shape[:2]}, not {tuple(shape)}")
     if coding.kind != "jpeg":
-        blob = _pack(Kind.JPEG2000, None, segment, pixels, layout, position, chunk or shape)
+        blob = _pack(Kind.JPEG2000, None, segment, pixels, layout, position, chunk or shape, archive_id)
         return blob, pixels, [Piece(0, len(segment))]
     stream = merge_tables(segment, coding.tables)
     piece = Piece(0, len(stream)) if stream is segment else Piece(len(coding.tables) - 2, len(stream), SOI)
-    blob = _pack_jpeg(stream, (Kind.JPEG, Kind.JPEG_AS_JPEGXL), coding, pixels, layout, position, chunk or shape)
+    blob = _pack_jpeg(stream, (Kind.JPEG, Kind.JPEG_AS_JPEGXL), coding, pixels, layout, position, chunk or shape,
+                      archive_id)
     return blob, pixels, [piece]
 
 
 def encode_intervals(segments: list[bytes], coding: TileCoding, indices: list[int], total: int, layout: Layout,
-                     position: fmt.Position | None, chunk: tuple[int, int]
+                     position: fmt.Position | None, chunk: tuple[int, int], archive_id: bytes | None = None
                      ) -> tuple[bytes, np.ndarray, list[Piece]]:
     """A chunk keeping restart intervals ``indices`` (of ``total`` in the scan) stacked into one stream,
     its pixels and the pieces that give each interval's own bytes back (``stack_intervals``)."""
@@ -249,12 +250,13 @@ def encode_intervals(segments: list[bytes], coding: TileCoding, indices: list[in
     tile_height, _, _ = ndpi_jpeg_tile(coding.header)
     stream, pieces = stack_intervals(segments, coding.header, tile_height, indices, total)
     pixels = decode_intervals(stream, coding)
-    blob = _pack_jpeg(stream, (Kind.INTERVALS, Kind.INTERVALS_AS_JPEGXL), coding, pixels, layout, position, chunk)
+    blob = _pack_jpeg(stream, (Kind.INTERVALS, Kind.INTERVALS_AS_JPEGXL), coding, pixels, layout, position, chunk,
+                      archive_id)
     return blob, pixels, pieces
 
 
 def _pack_jpeg(stream: bytes, kinds: tuple[Kind, Kind], coding: TileCoding, pixels: np.ndarray, layout: Layout,
-               position: fmt.Position | None, chunk: tuple[int, int]) -> bytes:
+               position: fmt.Position | None, chunk: tuple[int, int], archive_id: bytes | None = None) -> bytes:
     """A JPEG stream's chunk: recompressed with JPEG XL when libjxl rebuilds it exactly and smaller."""
     import imagecodecs
     kind, data = kinds[0], stream
@@ -264,14 +266,26 @@ def _pack_jpeg(stream: bytes, kinds: tuple[Kind, Kind], coding: TileCoding, pixe
             kind, data = kinds[1], packed
     except Exception:  # noqa: BLE001 - libjxl declines some JPEGs: keep those as they are
         pass
-    return _pack(kind, coding, data, pixels, layout, position, chunk)
+    return _pack(kind, coding, data, pixels, layout, position, chunk, archive_id)
 
 
 def _pack(kind: Kind, coding: TileCoding | None, data: bytes, pixels: np.ndarray, layout: Layout,
-          position: fmt.Position | None, chunk: tuple[int, int]) -> bytes:
+          position: fmt.Position | None, chunk: tuple[int, int], archive_id: bytes | None = None) -> bytes:
     place = fmt.position_bytes(position)
-    crc = fmt.pixel_checksum(_planar(_padded(pixels, chunk), layout), place)
-    return fmt.pack(fmt.Mode.SOURCE, NO_ID, crc, _header(kind, coding, layout) + bytes(data), place)
+    crc = fmt.pixel_checksum(_planar(_padded(pixels, chunk), layout), place + (archive_id or b""))
+    return fmt.pack(fmt.Mode.SOURCE, NO_ID, crc, _header(kind, coding, layout) + bytes(data), place,
+                    fmt.version_for(archive_id))
+
+
+def chunk_codec(blob: bytes) -> str | None:
+    """The source codec a kept chunk holds ("jpeg" or "jpeg2000"; None: pixels, or not a source chunk)."""
+    try:
+        header, payload = fmt.unpack(blob)
+    except CorruptPatchError:
+        return None
+    if header.mode != fmt.Mode.SOURCE or len(payload) < SOURCE_HEADER.size:
+        return None
+    return {Kind.JPEG2000: "jpeg2000", Kind.PIXELS_JPEGXL: None}.get(payload[0], "jpeg")
 
 
 def chunk_stream(blob: bytes) -> bytes:
@@ -319,7 +333,7 @@ def _j2k_size(stream: bytes) -> tuple[int, int] | None:
 
 
 def decode_chunk(blob: bytes, shape: tuple[int, ...], position: fmt.Position | None = None,
-                 check_position: bool = False) -> np.ndarray:
+                 check_position: bool = False, archive_id: bytes | None = None) -> np.ndarray:
     """The pixels of a ``SOURCE`` chunk in the array's chunk ``shape`` ((3, h, w) or (h, w, 3)).
 
     Sizes are read from the stream headers and must fit the chunk before anything is decoded;
@@ -367,6 +381,7 @@ def decode_chunk(blob: bytes, shape: tuple[int, ...], position: fmt.Position | N
     if pixels.shape != (h, w, 3) or pixels.dtype != np.uint8:
         raise CorruptPatchError(f"source chunk decodes to {pixels.shape} {pixels.dtype}, not ({h}, {w}, 3) uint8")
     out = _planar(pixels, layout)
-    if fmt.header_checksum(header, out) != header.crc32c:
-        raise CorruptPatchError("source chunk's pixel checksum (CRC32C) does not match: it is damaged")
+    if fmt.header_checksum(header, out, archive_id) != header.crc32c:
+        raise CorruptPatchError("source chunk's pixel checksum (CRC32C) does not match: it is damaged "
+                                "(or belongs to another archive)")
     return out

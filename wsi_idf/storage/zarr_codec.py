@@ -73,15 +73,17 @@ class WsiIdfCodec(ArrayBytesCodec):
 
     model: str
     weights: str
+    archive: str | None
 
-    def __init__(self, *, model: str = DEFAULT_MODEL, weights: str | None = None) -> None:
-        engine = WsiIdf(model=model, weights=weights)  # validates the names; loads the model on first use
+    def __init__(self, *, model: str = DEFAULT_MODEL, weights: str | None = None, archive: str | None = None) -> None:
+        engine = WsiIdf(model=model, weights=weights, archive=archive)  # validates; loads the model on first use
         object.__setattr__(self, "model", engine.model)
         object.__setattr__(self, "weights", engine.weights)
+        object.__setattr__(self, "archive", engine.archive)
         object.__setattr__(self, "_codec", engine)  # not a dataclass field: kept out of eq/repr
 
     def __reduce__(self):  # pickle the configuration, not the loaded model (Dask ships codecs to workers)
-        return _codec_from_config, (self.model, self.weights)
+        return _codec_from_config, (self.model, self.weights, self.archive)
 
     @classmethod
     def from_dict(cls, data: dict[str, JSON]) -> Self:
@@ -89,7 +91,10 @@ class WsiIdfCodec(ArrayBytesCodec):
         return cls(**(configuration or {}))  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, JSON]:
-        return {"name": "wsi_idf", "configuration": {"model": self.model, "weights": self.weights}}
+        config: dict[str, JSON] = {"model": self.model, "weights": self.weights}
+        if self.archive:  # arrays of an archive: chunks bound to it (patch format 4)
+            config["archive"] = self.archive
+        return {"name": "wsi_idf", "configuration": config}
 
     def validate(self, *, shape: tuple[int, ...], dtype: ZDType[TBaseDType, TBaseScalar],
                  chunk_grid: ChunkGrid) -> None:
@@ -149,5 +154,5 @@ class WsiIdfCodec(ArrayBytesCodec):
         raise NotImplementedError("wsi_idf output size depends on the content")
 
 
-def _codec_from_config(model: str, weights: str) -> WsiIdfCodec:
-    return WsiIdfCodec(model=model, weights=weights)
+def _codec_from_config(model: str, weights: str, archive: str | None = None) -> WsiIdfCodec:
+    return WsiIdfCodec(model=model, weights=weights, archive=archive)

@@ -100,17 +100,18 @@ class ZarrFormat:
         return root_metadata.get("attributes", {}) if self.version == 3 else root_metadata
 
     def level_array_kwargs(self, height: int, width: int, shard: int, model: str, weights: str | None,
-                           chunk: int = PATCH) -> dict:
+                           chunk: int = PATCH, archive: str | None = None) -> dict:
         """zarr.create_array arguments for one coded level (``chunk``: 80 for IDF patches, the tile side
-        for a level that keeps its source tiles)."""
+        for a level that keeps its source tiles; ``archive``: the archive's id, which its chunks' checksums cover)."""
         common = dict(shape=(CHANNELS, height, width), dtype="uint8", chunks=(CHANNELS, chunk, chunk), fill_value=0,
                       zarr_format=self.version, overwrite=True)
         if self.version == 3:
             from .zarr_codec import WsiIdfCodec
-            return dict(common, shards=(CHANNELS, shard, shard), serializer=WsiIdfCodec(model=model, weights=weights),
+            return dict(common, shards=(CHANNELS, shard, shard),
+                        serializer=WsiIdfCodec(model=model, weights=weights, archive=archive),
                         compressors=None, dimension_names=("c", "y", "x"))
         from .numcodecs_codec import WsiIdf
-        return dict(common, compressors=WsiIdf(model=model, weights=weights), filters=None,
+        return dict(common, compressors=WsiIdf(model=model, weights=weights, archive=archive), filters=None,
                     chunk_key_encoding={"name": "v2", "separator": "/"})
 
     def standard_array_kwargs(self, shape: tuple[int, ...], dimension_names: tuple[str, ...]) -> dict:
@@ -123,11 +124,11 @@ class ZarrFormat:
         from numcodecs import Zstd
         return dict(common, compressors=Zstd(level=ZSTD_LEVEL), chunk_key_encoding={"name": "v2", "separator": "/"})
 
-    def expected_level_metadata(self, lv: dict, model: dict) -> dict:
+    def expected_level_metadata(self, lv: dict, model: dict, archive: str | None = None) -> dict:
         """The fields of a coded level's array metadata that must be exactly what wsi-idf writes."""
         chunk = lv.get("chunk", PATCH)
         shape = [CHANNELS, lv["height"], lv["width"]]
-        codec = {"model": model["name"], "weights": model["weights"]}
+        codec = {"model": model["name"], "weights": model["weights"], **({"archive": archive} if archive else {})}
         if self.version == 3:
             return {
                 "node_type": "array", "shape": shape, "data_type": "uint8", "fill_value": 0,

@@ -1,0 +1,149 @@
+"""Integrity of the whole archive (issue 27): previews, associated images and restore data are checked,
+every chunk's checksum covers the archive's id, and metadata that lies is caught."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import NO_DATA
+from slides import CMU_SVS, TILE_FOLDER, write_philips_tiff
+from wsi_idf import open_archive, pack_slide
+from wsi_idf.cli import main
+from wsi_idf.errors import ArchiveError, CorruptPatchError, VerificationError
+from wsi_idf.jobs.verify import verify_archive
+
+pytestmark = pytest.mark.skipif(not TILE_FOLDER.is_dir() or not CMU_SVS.exists(), reason=NO_DATA)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("integrity")
+
+
+@pytest.fixture(scope="module")
+def philips(work) -> Path:
+    return write_philips_tiff(work / "philips.tiff")
+
+
+@pytest.fixture(scope="module")
+def kept(work, philips) -> Path:
+    """Levels keep their JPEG tiles, macro and label keep their JPEG strips; a zstd preview."""
+    out = work / "kept.zarr"
+    pack_slide(philips, out, scheduler="synchronous")
+    return out
+
+
+@pytest.fixture(scope="module")
+def coded(work, philips) -> Path:
+    """Levels coded with the IDF; macro and label in zstd; a zstd preview."""
+    out = work / "coded.zarr"
+    pack_slide(philips, out, scheduler="synchronous", codec="idf")
+    return out
+
+
+def damaged_copy(archive: Path, name: str, work: Path) -> Path:
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(archive, out)
+    return out
+
+
+def flip(path: Path, where: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def chunk_files(folder: Path) -> list[Path]:
+    return sorted(p for p in (folder / "c").rglob("*") if p.is_file())
+
+
+def expect_verify_fails(archive: Path, *words: str) -> str:
+    with pytest.raises(VerificationError) as info:
+        verify_archive(archive, scheduler="synchronous")
+    message = str(info.value)
+    assert all(w in message for w in words), message
+    return message
+
+
+def test_every_array_is_checked_and_verify_reads_them_all(coded, kept, work, capsys):
+    for archive in (coded, kept):
+        meta = open_archive(archive).metadata
+        assert len(meta["archive_id"]) == 32 and {"associated/macro", "associated/label"} <= set(meta["checksums"]["arrays"])
+        assert verify_archive(archive, scheduler="synchronous")["ok"]
+    for array, archive in (("preview/0", coded), ("associated/macro", coded), ("associated/label", kept)):
+        damaged = damaged_copy(archive, f"flip-{array.replace('/', '-')}", work)
+        flip(chunk_files(damaged / array)[0])
+        reader = open_archive(damaged)
+        with pytest.raises(ArchiveError, match="damaged"):
+            reader.preview(0) if array.startswith("preview") else reader.associated(array.split("/")[1])
+        assert main(["verify", str(damaged), "--scheduler", "synchronous", "-q"]) == 3
+        assert array.split("/")[1] in capsys.readouterr().err
+
+
+def test_swapped_strips_of_a_kept_image_are_caught(work):
+    cmu = work / "cmu.zarr"
+    pack_slide(CMU_SVS, cmu, scheduler="synchronous")  # its macro: 27 JPEG strips, kept
+    damaged = damaged_copy(cmu, "swapped.zarr", work)
+    first, second = chunk_files(damaged / "associated" / "macro")[:2]
+    a, b = first.read_bytes(), second.read_bytes()
+    first.write_bytes(b)
+    second.write_bytes(a)
+    with pytest.raises(ArchiveError, match="does not match its checksum"):
+        open_archive(damaged).associated("macro")
+    expect_verify_fails(damaged, "associated image macro")
+
+
+@pytest.mark.parametrize("storage", ["kept", "coded"])
+def test_chunks_of_another_archive_and_stale_readers_raise(storage, kept, coded, philips, work):
+    archive = {"kept": kept, "coded": coded}[storage]
+    other = work / f"other-{storage}.zarr"  # the same slide packed again: the same pixels, another archive
+    pack_slide(philips, other, scheduler="synchronous", codec="auto" if storage == "kept" else "idf", overwrite=True)
+    target = damaged_copy(archive, f"alien-{storage}.zarr", work)
+    shard = Path("0") / "c" / "0" / "0" / "0"
+    shutil.copyfile(other / shard, target / shard)  # a whole shard, bytes unchanged
+    with pytest.raises(CorruptPatchError, match="another archive"):
+        open_archive(target).region(0, 0, 0, 64, 64)
+    with pytest.raises(CorruptPatchError, match="another archive"):
+        zarr.open_group(target, mode="r")["0"][:, :64, :64]
+    expect_verify_fails(target, "shard 0/0.0")
+
+    stale = open_archive(other)  # a reader left open while the archive is packed again
+    before = stale.region(0, 0, 0, 64, 64)
+    pack_slide(philips, other, scheduler="synchronous", codec="auto" if storage == "kept" else "idf", overwrite=True)
+    with pytest.raises(CorruptPatchError, match="another archive"):
+        stale.region(0, 0, 0, 64, 64)
+    assert np.array_equal(open_archive(other).region(0, 0, 0, 64, 64), before)
+
+
+def edit_metadata(archive: Path, name: str, work: Path, change) -> Path:
+    out = damaged_copy(archive, name, work)
+    root = json.loads((out / "zarr.json").read_text())
+    change(root["attributes"]["wsi_idf"])
+    (out / "zarr.json").write_text(json.dumps(root))
+    return out
+
+
+def test_metadata_that_lies_is_caught(kept, work, capsys):
+    swapped = edit_metadata(kept, "codec-lie.zarr", work,
+                            lambda m: m["levels"][0].update(source_codec="jpeg2000"))
+    with pytest.raises(CorruptPatchError, match="holds jpeg data"):
+        open_archive(swapped).region(0, 0, 0, 64, 64)
+    huge = edit_metadata(kept, "bytes-lie.zarr", work, lambda m: m["levels"][1].update(encoded_bytes=2**62))
+    expect_verify_fails(huge, "level 1: the metadata says its chunks take")
+    dropped = edit_metadata(kept, "list-lie.zarr", work, lambda m: m["associated"].remove("label"))
+    expect_verify_fails(dropped, "associated images stored (label, macro)")
+    forged = edit_metadata(kept, "sum-lie.zarr", work,
+                           lambda m: m["checksums"]["arrays"]["associated/macro"].__setitem__(0, 7))
+    expect_verify_fails(forged, "associated image macro")
+
+
+def test_damaged_restore_data_is_listed_by_verify(kept, work):
+    damaged = damaged_copy(kept, "restore-damage.zarr", work)
+    flip(chunk_files(damaged / "restore" / "0" / "skeleton")[0])
+    expect_verify_fails(damaged, "restore data of philips.tiff")
