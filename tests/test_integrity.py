@@ -102,8 +102,10 @@ def test_swapped_strips_of_a_kept_image_are_caught(work):
 @pytest.mark.parametrize("storage", ["kept", "coded"])
 def test_chunks_of_another_archive_and_stale_readers_raise(storage, kept, coded, philips, work):
     archive = {"kept": kept, "coded": coded}[storage]
-    other = work / f"other-{storage}.zarr"  # the same slide packed again: the same pixels, another archive
-    pack_slide(philips, other, scheduler="synchronous", codec="auto" if storage == "kept" else "idf", overwrite=True)
+    codec = "auto" if storage == "kept" else "idf"
+    another = write_philips_tiff(work / f"another-{storage}.tiff", seed=11)  # another slide, same geometry
+    other = work / f"other-{storage}.zarr"
+    pack_slide(another, other, scheduler="synchronous", codec=codec, overwrite=True)
     target = damaged_copy(archive, f"alien-{storage}.zarr", work)
     shard = Path("0") / "c" / "0" / "0" / "0"
     shutil.copyfile(other / shard, target / shard)  # a whole shard, bytes unchanged
@@ -113,12 +115,16 @@ def test_chunks_of_another_archive_and_stale_readers_raise(storage, kept, coded,
         zarr.open_group(target, mode="r")["0"][:, :64, :64]
     expect_verify_fails(target, "shard 0/0.0")
 
-    stale = open_archive(other)  # a reader left open while the archive is packed again
-    before = stale.region(0, 0, 0, 64, 64)
-    pack_slide(philips, other, scheduler="synchronous", codec="auto" if storage == "kept" else "idf", overwrite=True)
+    stale = open_archive(other)  # a reader left open while another slide is packed over the archive
+    pack_slide(philips, other, scheduler="synchronous", codec=codec, overwrite=True)
     with pytest.raises(CorruptPatchError, match="another archive"):
         stale.region(0, 0, 0, 64, 64)
-    assert np.array_equal(open_archive(other).region(0, 0, 0, 64, 64), before)
+    assert np.array_equal(open_archive(other).region(0, 0, 0, 64, 64), open_archive(archive).region(0, 0, 0, 64, 64))
+
+    again = work / f"again-{storage}.zarr"  # the same file packed the same way: the same archive, byte for byte
+    pack_slide(philips, again, scheduler="synchronous", codec=codec)
+    assert open_archive(again).metadata["archive_id"] == open_archive(archive).metadata["archive_id"]
+    assert (again / shard).read_bytes() == (archive / shard).read_bytes()
 
 
 def edit_metadata(archive: Path, name: str, work: Path, change) -> Path:

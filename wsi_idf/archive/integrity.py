@@ -12,8 +12,8 @@ Archives written before wsi-idf 0.5 have none of this and read as before.
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
-import uuid
 
 import google_crc32c
 import numpy as np
@@ -23,9 +23,14 @@ from ..errors import ArchiveError
 ALGORITHM = "crc32c(archive id, array path, chunk coordinates, pixels in the array) per chunk, C order"
 
 
-def new_archive_id() -> str:
-    """A random id for a new archive (128 bits, hex): enters every checksum's domain."""
-    return uuid.uuid4().hex
+def plan_archive_id(plan: dict) -> str:
+    """An archive's id (128 bits, hex), which enters every checksum's domain: the hash of its pack
+    plan (the source's name, size and modification time, the model, weights, levels and layout,
+    the wsi-idf version). Another slide, or the same file changed, gets another id, so a chunk of
+    its archive (or a reader left open across an overwrite by it) fails its check; packing the same
+    file the same way again gives the same archive, byte for byte (a resumed pack too)."""
+    canonical = json.dumps({k: v for k, v in plan.items() if k != "archive_id"}, sort_keys=True).encode()
+    return hashlib.sha256(b"wsi-idf archive id\0" + canonical).hexdigest()[:32]
 
 
 def chunk_boxes(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[slice, ...]]]:

@@ -209,9 +209,9 @@ def make_plan(slide: Slide, source: Path, model: str, weights: str, shard: int, 
 
 def prepare_output(out: Path, plan: dict, overwrite: bool, resume: bool, source: Path) -> tuple[Path, bool]:
     """The partial folder to build in, and whether it resumes earlier work. Refuses to clobber anything
-    wsi-idf did not write (``outputs.check_output``). Sets ``plan["archive_id"]``: the unfinished
-    pack's own when resuming, else a new one."""
-    from ..archive.integrity import new_archive_id
+    wsi-idf did not write (``outputs.check_output``). Sets ``plan["archive_id"]`` (``integrity.plan_archive_id``)."""
+    from ..archive.integrity import plan_archive_id
+    plan["archive_id"] = plan_archive_id(plan)
     partial = partial_path(out)
     check_output(out, overwrite, "archive", (source,))
     if partial.exists() and not is_unfinished_pack(partial):
@@ -221,17 +221,15 @@ def prepare_output(out: Path, plan: dict, overwrite: bool, resume: bool, source:
         if resume:
             plan_file = partial / PLAN_FILE
             earlier = json.loads(plan_file.read_text()) if plan_file.is_file() else None
-            if not isinstance(earlier, dict) or {k: v for k, v in earlier.items() if k != "archive_id"} != plan:
+            if earlier != plan:
                 raise ArchiveError(f"the unfinished pack at {partial} was started with another source or other "
                                    "settings; pass --overwrite to start again")
             remove_stale_temporaries(partial)  # a shard write cut by the kill: the shard is redone
-            plan["archive_id"] = earlier.get("archive_id") or new_archive_id()  # packs of 0.4 had none
             return partial, True
         if not overwrite:
             raise ArchiveError(f"an unfinished pack exists at {partial}; pass --resume to finish it or "
                                "--overwrite to start again")
         shutil.rmtree(partial)
-    plan["archive_id"] = new_archive_id()
     try:
         partial.mkdir(parents=True)
         write_atomic(partial / PLAN_FILE, json.dumps(plan).encode())
