@@ -153,3 +153,53 @@ def test_damaged_restore_data_is_listed_by_verify(kept, work):
     damaged = damaged_copy(kept, "restore-damage.zarr", work)
     flip(chunk_files(damaged / "restore" / "0" / "skeleton")[0])
     expect_verify_fails(damaged, "restore data of philips.tiff")
+
+
+HOSTILE = r'''
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GB of address space: no torch, no model
+from wsi_idf.storage.source_tiles import decode_chunk
+from wsi_idf.errors import CorruptPatchError
+blob = open(sys.argv[1], "rb").read()
+try:
+    decode_chunk(blob, (3, 240, 240))
+except CorruptPatchError as exc:
+    print("refused:", exc)
+'''
+
+
+def source_chunk(kind: int, data: bytes) -> bytes:
+    from wsi_idf.coding import patch_format as fmt
+    from wsi_idf.storage.source_tiles import NO_ID, SOURCE_HEADER
+    return fmt.pack(fmt.Mode.SOURCE, NO_ID, 0, SOURCE_HEADER.pack(kind, 255, 255, 0) + data, fmt.position_bytes(None))
+
+
+def test_hostile_tiles_are_refused_from_their_headers_under_1_gb(tmp_path):
+    """Sizes and component counts are read from the stream headers before any decoder runs: each
+    hostile tile is one line, in a process limited to 1 GB of address space."""
+    import subprocess
+    import sys
+    import imagecodecs
+    from wsi_idf.storage.source_tiles import Kind
+    huge_jpeg = imagecodecs.jpeg8_encode(np.full((8192, 8192), 128, np.uint8), level=50)  # 8192x8192 gray
+    fill = bytearray(imagecodecs.jpeg8_encode(np.full((16, 16, 3), 9, np.uint8), level=90))
+    sof = fill.index(b"\xff\xc0")
+    fill[sof + 5:sof + 9] = (60000).to_bytes(2, "big") * 2  # 60000x60000 ...
+    fill[sof:sof] = b"\xff\xff\xff"  # ... behind fill bytes
+    siz = bytearray(b"\xff\x4f\xff\x51\x00\x29\x00\x00" + struct_pack(">IIIIIIIIH", 240, 240, 0, 0, 240, 240, 0, 0, 1800))
+    cases = {"jxl-rebuilding-8192-jpeg": (Kind.JPEG_AS_JPEGXL, imagecodecs.jpegxl_encode_jpeg(huge_jpeg)),
+             "jpeg-fill-bytes": (Kind.JPEG, bytes(fill)),
+             "j2k-1800-components": (Kind.JPEG2000, bytes(siz) + b"\x07\x01\x01" * 1800 + b"\xff\xd9"),
+             "jxl-pixels-huge": (Kind.PIXELS_JPEGXL, imagecodecs.jpegxl_encode(np.zeros((300, 4000, 3), np.uint8)))}
+    for name, (kind, data) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(source_chunk(int(kind), data))
+        result = subprocess.run([sys.executable, "-c", HOSTILE, str(path)], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and result.stdout.startswith("refused:"), (name, result.stdout, result.stderr[-500:])
+        assert "declares" in result.stdout and result.stdout.count("\n") == 1, (name, result.stdout)
+    assert len(cases["jxl-rebuilding-8192-jpeg"][1]) < 20_000  # a few KB that would rebuild a 64 MB image
+
+
+def struct_pack(fmt: str, *values) -> bytes:
+    import struct
+    return struct.pack(fmt, *values)

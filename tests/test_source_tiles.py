@@ -71,7 +71,10 @@ def test_every_kept_chunk_is_jpeg_xl_and_the_pixels_are_tifffiles(cmu):
     header, payload = fmt.unpack(blob)
     assert header.mode == fmt.Mode.SOURCE and payload[0] == source_tiles.Kind.JPEG_AS_JPEGXL
     row, col = int(shard.parts[-2]) * 5, int(shard.parts[-1]) * 5
-    tile = source_tiles.decode_chunk(blob, (3, 240, 240), (0, row, col), check_position=True)
+    with pytest.raises(CorruptPatchError, match="not given the archive's id"):  # patch format 4: bound to its archive
+        source_tiles.decode_chunk(blob, (3, 240, 240), (0, row, col), check_position=True)
+    archive_id = bytes.fromhex(open_archive(cmu).metadata["archive_id"])
+    tile = source_tiles.decode_chunk(blob, (3, 240, 240), (0, row, col), check_position=True, archive_id=archive_id)
     expected = reference[row * 240:(row + 1) * 240, col * 240:(col + 1) * 240]
     assert np.array_equal(tile.transpose(1, 2, 0)[:expected.shape[0], :expected.shape[1]], expected)
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..coding import patch_format as fmt
 from ..errors import CorruptPatchError
+from .stream_headers import HeaderError, check_fits, j2k_size, jpeg_size, jxl_size
 
 SOURCE_HEADER = struct.Struct("<BBBB")  # kind, colorspace, outcolorspace (255: None), layout
 NO_ID = b"\0\0\0\0"  # source chunks use no model
@@ -307,31 +308,6 @@ def encode_pixels(pixels: np.ndarray, layout: Layout, position: fmt.Position | N
     return fmt.pack(fmt.Mode.SOURCE, NO_ID, crc, _header(Kind.PIXELS_JPEGXL, None, layout) + bytes(data), place)
 
 
-def _jpeg_size(stream: bytes) -> tuple[int, int] | None:
-    """(height, width) from a JPEG's SOF marker, read before decoding so no forged size is allocated."""
-    i = 2
-    while i + 9 < len(stream):
-        if stream[i] != 0xFF:
-            return None
-        marker = stream[i + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        length = int.from_bytes(stream[i + 2:i + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return int.from_bytes(stream[i + 5:i + 7], "big"), int.from_bytes(stream[i + 7:i + 9], "big")
-        i += 2 + length
-    return None
-
-
-def _j2k_size(stream: bytes) -> tuple[int, int] | None:
-    """(height, width) from a JPEG 2000 codestream's SIZ marker."""
-    if stream[:4] != b"\xff\x4f\xff\x51" or len(stream) < 24:
-        return None
-    xsiz, ysiz, xo, yo = struct.unpack(">IIII", stream[8:24])
-    return ysiz - yo, xsiz - xo
-
-
 def decode_chunk(blob: bytes, shape: tuple[int, ...], position: fmt.Position | None = None,
                  check_position: bool = False, archive_id: bytes | None = None) -> np.ndarray:
     """The pixels of a ``SOURCE`` chunk in the array's chunk ``shape`` ((3, h, w) or (h, w, 3)).
@@ -357,14 +333,15 @@ def decode_chunk(blob: bytes, shape: tuple[int, ...], position: fmt.Position | N
     if tuple(shape) != expected:
         raise CorruptPatchError(f"source chunk of layout {layout.name} does not fit the chunk shape {tuple(shape)}")
     try:
+        if kind in (Kind.PIXELS_JPEGXL, Kind.JPEG_AS_JPEGXL, Kind.INTERVALS_AS_JPEGXL):
+            check_fits(jxl_size(data), (h, w), "JPEG XL stream")  # before libjxl allocates anything
         if kind == Kind.PIXELS_JPEGXL:
             pixels = imagecodecs.jpegxl_decode(data, out=np.empty((h, w, 3), np.uint8))
         else:
             if kind in (Kind.JPEG_AS_JPEGXL, Kind.INTERVALS_AS_JPEGXL):
                 data = imagecodecs.jpegxl_decode_jpeg(data)
-            size = _j2k_size(data) if kind == Kind.JPEG2000 else _jpeg_size(data)
-            if size is None or not (0 < size[0] <= h and 0 < size[1] <= w):
-                raise CorruptPatchError(f"the stream's size {size} does not fit the chunk's {(h, w)}")
+            size = j2k_size(data) if kind == Kind.JPEG2000 else jpeg_size(data)
+            check_fits(size, (h, w), "JPEG 2000 codestream" if kind == Kind.JPEG2000 else "JPEG stream")
             coding = TileCoding("jpeg2000" if kind == Kind.JPEG2000 else "jpeg", None,
                                 None if cs == 255 else cs, None if ocs == 255 else ocs)
             if kind in (Kind.INTERVALS, Kind.INTERVALS_AS_JPEGXL):
@@ -374,8 +351,8 @@ def decode_chunk(blob: bytes, shape: tuple[int, ...], position: fmt.Position | N
                 pixels = _padded(pixels, (h, w))
             else:
                 pixels = _padded(decode_segment(data, coding, size), (h, w))
-    except CorruptPatchError as exc:
-        raise CorruptPatchError(f"source chunk is damaged: {exc}") from None
+    except (CorruptPatchError, HeaderError) as exc:
+        raise CorruptPatchError(f"source chunk is damaged or hostile: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - the decoders raise several types for damaged data
         raise CorruptPatchError(f"source chunk does not decode ({type(exc).__name__}: {exc}): it is damaged") from None
     if pixels.shape != (h, w, 3) or pixels.dtype != np.uint8:
