@@ -99,7 +99,7 @@ def test_resume_clears_the_temporary_file_of_a_write_cut_by_the_kill(work, sourc
 def test_disk_full_is_one_clear_error_and_nothing_done(source, small_disk, capsys):
     big = write_pyramidal_tiff(small_disk.parent / "big.tif", pyramid(mosaic(1000, 1000, seed=42), 1))
     out = small_disk / "slide.zarr"
-    assert main(["pack", str(big), "-o", str(out), "--scheduler", "synchronous", "--shard", "320"]) == 1
+    assert main(["pack", str(big), "-o", str(out), "--scheduler", "synchronous", "--shard", "320", "-q"]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and err.count("\n") == 1 and "--resume" in err
     assert not out.exists()

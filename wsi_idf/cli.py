@@ -427,11 +427,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message is logged (it may be replaced after
+    logging is configured: a test's capture, a redirected batch job)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure_logging(level: int) -> None:
     """wsi-idf's own messages at ``level``; Dask's only with -vv (it logs every worker start at INFO)."""
     logger = logging.getLogger("wsi_idf")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("wsi-idf: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
