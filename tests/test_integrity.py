@@ -203,3 +203,32 @@ def test_hostile_tiles_are_refused_from_their_headers_under_1_gb(tmp_path):
 def struct_pack(fmt: str, *values) -> bytes:
     import struct
     return struct.pack(fmt, *values)
+
+
+def test_a_source_tile_that_does_not_decode_is_one_line_on_a_real_cluster(work, capsys):
+    """An SVS whose JPEGTables tag is gone: the workers' failure is one line, no Dask log, no --resume
+    advice (it cannot help), and nothing left behind."""
+    import tifffile
+    with tifffile.TiffFile(CMU_SVS) as tif:
+        entry = tif.pages[0].tags[347].offset
+    data = bytearray(CMU_SVS.read_bytes())
+    data[entry:entry + 2] = (65000).to_bytes(2, "little")  # JPEGTables becomes an unknown private tag
+    broken = work / "no-tables.svs"
+    broken.write_bytes(bytes(data))
+    out = work / "no-tables.zarr"
+    assert main(["pack", str(broken), "-o", str(out), "--workers", "1", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not decode" in err and "--resume" not in err, err
+    assert not out.exists() and not (work / "no-tables.zarr.partial").exists()
+
+
+def test_a_forged_tile_names_itself_once(kept, work):
+    damaged = damaged_copy(kept, "forged-tile.zarr", work)
+    shard = damaged / "0" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[0:2] = b"XX"  # the first chunk's magic
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptPatchError) as info:
+        open_archive(damaged).region(0, 0, 0, 64, 64)
+    message = str(info.value)
+    assert message.startswith("level 0 tile x=0, y=0 is damaged: ") and message.count("damaged") == 2, message

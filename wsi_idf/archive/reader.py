@@ -17,6 +17,7 @@ read through it, so they agree with each other and with ``verify``.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -123,7 +124,7 @@ class LevelReader:
             r, c = cells[exc.index] if getattr(exc, "index", None) is not None else (None, None)
             where = f"{'tile' if self.storage == 'source' else 'patch'} x={c * self.chunk}, y={r * self.chunk}" \
                 if r is not None else "a patch"
-            reason = str(exc).split(": ", 1)[-1] if isinstance(exc, CorruptPatchError) else \
+            reason = damage_reason(str(exc)) if isinstance(exc, CorruptPatchError) else \
                 f"it names other weights than its archive ({exc})"
             raise CorruptPatchError(f"level {self.level} {where} is damaged: {reason}") from None
 
@@ -182,6 +183,13 @@ class LevelReader:
             for r, c in wanted:
                 offset, nbytes = index.chunk((r % per_side) * per_side + c % per_side)
                 blobs[(r, c)] = _chunk_prefix(f, offset, nbytes, flow_levels, counter)
+
+
+def damage_reason(message: str) -> str:
+    """What is wrong with a chunk, without the decoder's own "patch 3 is damaged: " prefix or a
+    trailing "it is damaged" (the caller names the chunk and says it is damaged once)."""
+    message = re.sub(r"^(patch \d+|source chunk) (is damaged|cannot be checked)( or hostile)?: ", "", message)
+    return re.sub(r"[:,]? (it|the chunk) is damaged$", "", message) or message
 
 
 def flow_levels_arg(flow_levels: int | None, levels: int | None) -> int | None:

@@ -123,7 +123,7 @@ def start_local_cluster(n_workers: int, resources: dict[str, float] | None = Non
     spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ours}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):  # read as the nannies start
         return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                            resources=resources, silence_logs=logging.ERROR)
+                            resources=resources, silence_logs=logging.CRITICAL)  # task errors reach the client as one exception
 
 
 def set_torch_threads(threads: int) -> None:

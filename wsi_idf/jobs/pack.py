@@ -147,12 +147,16 @@ def keep_source_shard(box: ShardBox, job: ShardJob, layout: LevelLayout) -> dict
     for (r, c), group in zip(cells, members):
         data = [next(raw) for _ in group]
         source_bytes += sum(map(len, data))
-        if segments.stack > 1:
-            blob, pixels, kept = encode_intervals(data, segments.coding, group, segments.count, Layout.PLANAR,
-                                                  (box.level, r, c), (tile, tile), archive_id)
-        else:
-            blob, pixels, kept = encode_segment(data[0], segments.coding, (tile, tile), Layout.PLANAR,
-                                                (box.level, r, c), archive_id=archive_id)
+        try:
+            if segments.stack > 1:
+                blob, pixels, kept = encode_intervals(data, segments.coding, group, segments.count, Layout.PLANAR,
+                                                      (box.level, r, c), (tile, tile), archive_id)
+            else:
+                blob, pixels, kept = encode_segment(data[0], segments.coding, (tile, tile), Layout.PLANAR,
+                                                    (box.level, r, c), archive_id=archive_id)
+        except Exception as exc:  # noqa: BLE001 - the decoders raise several types for damaged tiles
+            raise SlideError(f"{Path(job.slide.path).name}: level {box.level} tile at x={c * tile}, y={r * tile} "
+                             f"does not decode ({type(exc).__name__}: {exc}): the file is damaged") from None
         if len(blob) > max_chunk_bytes(tile, tile):
             raise SlideError(f"level {box.level} tile ({r}, {c}) takes {len(blob)} bytes, more than twice its raw "
                              "pixels: it cannot be kept; use --codec idf")
