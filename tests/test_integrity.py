@@ -232,3 +232,52 @@ def test_a_forged_tile_names_itself_once(kept, work):
         open_archive(damaged).region(0, 0, 0, 64, 64)
     message = str(info.value)
     assert message.startswith("level 0 tile x=0, y=0 is damaged: ") and message.count("damaged") == 2, message
+
+
+def small_array_campaign(archive: Path, work: Path, trials: int, seed: int) -> dict:
+    """Flip bytes in or truncate random chunk files of previews and associated images: every read
+    through wsi-idf is exact or raises, and verify fails whenever a read raises."""
+    target = damaged_copy(archive, f"campaign-{archive.stem}.zarr", work)
+    reference = open_archive(archive)
+    arrays = [f"associated/{n}" for n in reference.metadata["associated"]] + \
+        [f"preview/{k}" for k in range(reference.metadata["preview"]["levels"])]
+    originals = {a: (reference.associated(a.split("/")[1]) if a.startswith("associated") else
+                     reference.preview(int(a.split("/")[1]))) for a in arrays}
+    rng = np.random.default_rng(seed)
+    counts = {"trials": 0, "raised": 0, "exact": 0, "wrong": 0, "verify_failed": 0}
+    for trial in range(trials):
+        array = arrays[int(rng.integers(len(arrays)))]
+        files = chunk_files(target / array)
+        path = files[int(rng.integers(len(files)))]
+        good = path.read_bytes()
+        data = bytearray(good)
+        if rng.random() < 0.25:
+            data = data[:int(rng.integers(0, len(data)))]
+        else:
+            for _ in range(int(rng.integers(1, 4))):
+                data[int(rng.integers(len(data)))] ^= int(rng.integers(1, 256))
+        path.write_bytes(bytes(data))
+        reader = open_archive(target)
+        try:
+            pixels = reader.associated(array.split("/")[1]) if array.startswith("associated") else \
+                reader.preview(int(array.split("/")[1]))
+            counts["exact" if np.array_equal(pixels, originals[array]) else "wrong"] += 1
+        except ArchiveError as exc:
+            assert "damaged" in str(exc), exc
+            counts["raised"] += 1
+            if trial % 5 == 0:
+                with pytest.raises(VerificationError):
+                    verify_archive(target, scheduler="synchronous")
+                counts["verify_failed"] += 1
+        path.write_bytes(good)
+        counts["trials"] += 1
+    return counts
+
+
+@pytest.mark.parametrize("trials", [30, pytest.param(400, marks=pytest.mark.slow)])
+def test_damaged_previews_and_associated_images_never_read_wrong(trials, coded, kept, work):
+    for archive, seed in ((coded, 1), (kept, 2)):
+        counts = small_array_campaign(archive, work, trials, seed)
+        print(f"small-array damage campaign on {archive.name}: {counts}")
+        assert counts["wrong"] == 0 and counts["trials"] == trials
+        assert counts["raised"] + counts["exact"] == trials
