@@ -142,6 +142,7 @@ def test_metadata_that_lies_is_caught(kept, work, capsys):
         open_archive(swapped).region(0, 0, 0, 64, 64)
     huge = edit_metadata(kept, "bytes-lie.zarr", work, lambda m: m["levels"][1].update(encoded_bytes=2**62))
     expect_verify_fails(huge, "level 1: the metadata says its chunks take")
+    assert main(["info", str(huge)]) == 1 and "claim" in capsys.readouterr().err
     dropped = edit_metadata(kept, "list-lie.zarr", work, lambda m: m["associated"].remove("label"))
     expect_verify_fails(dropped, "associated images stored (label, macro)")
     forged = edit_metadata(kept, "sum-lie.zarr", work,

@@ -122,6 +122,11 @@ def archive_info(path: str | Path) -> dict:
     archive = open_archive(path)
     meta = archive.metadata
     sizes = archive_sizes(archive.path, meta)
+    coded = sum(lv["encoded_bytes"] for lv in meta["levels"])
+    if coded > sizes["archive_bytes"]:  # the metadata would be believed and printed
+        from ..errors import DamagedArchiveError
+        raise DamagedArchiveError(f"{archive.path}: the archive metadata is damaged or forged: its levels claim "
+                                  f"{coded:,} bytes and the whole archive holds {sizes['archive_bytes']:,}")
     slide = meta["slide"]
     return {"archive": str(archive.path), "zarr_format": archive.zarr_format, "wsi_idf_version": meta["wsi_idf_version"],
             "source": meta["source"], "model": meta["model"],
