@@ -8,7 +8,7 @@ DATA ?= $(if $(WSI_IDF_DATA),$(WSI_IDF_DATA),../shared/data)
 SLIDE ?= $(DATA)/slides/cmu-1-small-region.svs
 WSI := $(VENV)/bin/wsi-idf
 
-.PHONY: demo test test-slow bench bench-coders bench-pack bench-region bench-scale bench-progressive ablate train learning-curve clean-venv gpu-wheels gpu-check
+.PHONY: screenshots bench-serve demo test test-slow bench bench-coders bench-pack bench-region bench-scale bench-progressive ablate train learning-curve clean-venv gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml wsi_idf/coding/_rans.c
 	$(PYTHON) -m venv $(VENV)
@@ -93,3 +93,9 @@ gpu-check:
 	PYTHONPATH=/tmp/site:. WSI_IDF_DATA=$(CURDIR)/.gpu-data PYTHONUNBUFFERED=1 \
 		python3 benchmarks/gpu_check.py --device $(DEVICE) $(if $(SMALL),--small) --out $(GPU_OUT)
 endif
+
+screenshots: $(STAMP)  ## the README's catalog and viewer screenshots, made by the browser test (chromium)
+	WSI_IDF_SCREENSHOTS=1 $(PY) -m pytest -q tests/test_serve.py -k browser
+
+bench-serve: $(STAMP)  ## wsi-idf serve: time to first tile, warm tile latency (IDF and kept tiles), RSS after a minute of browsing
+	$(PY) benchmarks/bench_serve.py --out results

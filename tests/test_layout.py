@@ -20,6 +20,7 @@ ALLOWED = {
     "archive": {"coding", "storage"},
     "jobs": {"coding", "storage", "archive"},
     "model": {"coding"},
+    "web": {"coding", "storage", "archive"},
 }
 
 

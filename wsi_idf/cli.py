@@ -226,6 +226,18 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .web.app import serve
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: anyone who reaches this address sees these slides; put it behind the lab's "
+                    "own access control (or use an SSH tunnel to 127.0.0.1 instead)", args.host)
+    if not args.quiet:
+        print(f"serving {args.path} at http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
+    serve(args.path, host=args.host, port=args.port, show_label=args.show_label,
+          log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def cmd_region(args: argparse.Namespace) -> int:
     from .archive.unpack import write_region
     s = write_region(args.archive, args.output, args.level, args.x, args.y, args.width, args.height, args.flow_levels,
@@ -403,6 +415,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept an existing OUTPUT that already holds the source's exact bytes (it is left as it is; "
                         "anything else is refused, and nothing is ever replaced)")
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("serve", parents=[common], help="browse archives in a web browser (catalog and viewer)",
+                       description="Serve PATH (one archive, or a folder searched recursively for archives) read-only "
+                                   "over HTTP: a catalog page, an OpenSeadragon viewer per slide and Deep Zoom tiles "
+                                   "(PNG tiles are the stored pixels exactly at every archive level). Binds to "
+                                   "127.0.0.1: reach it from another machine through an SSH tunnel "
+                                   "(ssh -L 8000:127.0.0.1:8000 labserver).")
+    p.add_argument("path", type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; another only "
+                                                        "behind the lab's own access control)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--show-label", action="store_true", help="show label images (they may carry patient identifiers)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", parents=[common], help="describe an archive: source, levels, model, sizes")
     p.add_argument("archive", type=Path)
