@@ -365,4 +365,4 @@ class ChunkStreams:
 
 def _progress(total: int, show: bool):
     from tqdm import tqdm
-    return tqdm(total=total, desc="restoring", unit="segment", disable=not show, leave=False)
+    return tqdm(total=total, desc="restoring", unit="segment", disable=None if show else True, leave=False)

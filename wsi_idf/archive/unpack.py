@@ -54,7 +54,7 @@ def unpack_archive(path: str | Path, out: str | Path, overwrite: bool = False, p
     options = dict(tile=(TIFF_TILE, TIFF_TILE), compression="zlib", predictor=True, photometric="rgb",
                    dtype=np.uint8, software=SOFTWARE, metadata=None)
     try:
-        with tqdm(total=total, unit="px", unit_scale=True, desc="unpacking", disable=not progress, leave=False) as bar, \
+        with tqdm(total=total, unit="px", unit_scale=True, desc="unpacking", disable=None if progress else True, leave=False) as bar, \
                 tifffile.TiffWriter(tmp, bigtiff=True) as tif:
             for level, lv in enumerate(meta["levels"]):
                 resolution = {}

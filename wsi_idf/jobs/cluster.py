@@ -32,7 +32,7 @@ class Runner:
         """Run ``fn(item, *args)`` for every item, yielding results as they finish, with a progress bar."""
         from tqdm import tqdm
         items = list(items)
-        bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress or not items, leave=False)
+        bar = tqdm(total=len(items), desc=desc, unit=unit, disable=None if progress and items else True, leave=False)  # None: off when stderr is no terminal
         try:
             if self.client is None:
                 for item in items:
