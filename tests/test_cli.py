@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,28 @@ def test_wrong_arguments_get_one_clear_line(small_archive, tmp_path, capsys):
         one_line(capsys, 1, [*region, "--levels", bad], "flow levels to decode must be 1 to 3")
     one_line(capsys, 3, ["verify", str(archive), "--source", str(other), "--scheduler", "synchronous"],
              "not its source")
+
+
+def test_ctrl_c_of_a_pack_on_the_embedded_cluster_is_one_line(tmp_path):
+    """Ctrl-C reaches the whole process group; the workers ignore it and only the client answers:
+    one line and exit 130, not a traceback per worker."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from slides import mosaic, pyramid, write_pyramidal_tiff
+    from wsi_idf.jobs.pack import RECORDS_DIR
+    slide = write_pyramidal_tiff(tmp_path / "big.tif", pyramid(mosaic(2400, 2400, seed=8), 1))
+    out = tmp_path / "big.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "wsi_idf.cli", "pack", str(slide), "-o", str(out), "--workers", "1",
+                             "-q"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "big.zarr.partial" / RECORDS_DIR).rglob("*.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines() == [f"wsi-idf: interrupted; the unfinished archive is kept at {out}.partial: run "
+                                         "the same command with --resume to finish it"], err[-2000:]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -121,9 +123,24 @@ def start_local_cluster(n_workers: int, resources: dict[str, float] | None = Non
     # started earlier in this process has left its value there. The nannies would write ours anyway.
     os.environ.update(ours)
     spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ours}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):  # read as the nannies start
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}), workers_ignore_ctrl_c():
         return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                             resources=resources, silence_logs=logging.CRITICAL)  # task errors reach the client as one exception
+
+
+@contextmanager
+def workers_ignore_ctrl_c():
+    """Processes started inside ignore SIGINT (Python keeps an inherited SIG_IGN): a Ctrl-C in the
+    terminal reaches the whole process group, and only the client should answer it (it closes the
+    cluster, which stops the workers), not every worker with its own traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def set_torch_threads(threads: int) -> None:
