@@ -10,7 +10,7 @@ from .coding.registry import DEFAULT_MODEL, MODELS, get_model
 from .errors import (ArchiveError, CorruptPatchError, InvalidPatchError, SlideError, UnknownModelError,
                      WeightsMismatchError, WsiIdfError)
 
-__version__ = "0.5.0"
+from ._version import __version__
 
 __all__ = ["open_archive", "Archive", "pack_slide", "encode_patches", "decode_patches", "ideal_bits", "get_model", "MODELS", "DEFAULT_MODEL",
            "WsiIdf", "WsiIdfCodec",

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import __version__
+from ._version import __version__
 from .errors import WsiIdfError
 
 log = logging.getLogger("wsi_idf")

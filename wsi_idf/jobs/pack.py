@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..archive.layout import ARCHIVE_FORMAT, PREVIEW_MAX, PREVIEW_MIN, archive_sizes, ome_multiscale
 from ..storage.zarr_formats import FORMATS, remove_stale_temporaries, write_atomic
 from .cluster import Runner, runner, set_torch_threads
