@@ -2,7 +2,7 @@
 
     python pipelines/train_models.py fast --minutes 60 --out training/        # continues training/fast.ckpt
     python pipelines/train_models.py fast --device cuda --scheduler tcp://gpu-node:8786 --out /shared/ckpt
-    python pipelines/train_models.py fast --init-from wsi_idf/weights/fast-01b41279.safetensors \\
+    python pipelines/train_models.py fast --init-from wsi_idf/weights/fast-e02fec51.safetensors \\
         --data /lab/slides --out finetuned/
 
 Each model trains with ``wsi_idf.model.training.train_model``: resumable checkpoints (run again to

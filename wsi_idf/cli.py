@@ -270,6 +270,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shipped_weights(name: str) -> str:
+    """The shipped weights file of a registered model, as a path a user can pass (for help texts)."""
+    from .coding.registry import WEIGHTS_DIR, entry
+    return str(WEIGHTS_DIR / entry(name).weights)
+
+
 def _resources(text: str) -> dict[str, float]:
     try:
         return {name.strip(): float(value) for name, value in (item.split("=") for item in text.split(","))}
@@ -358,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bits seen; the checkpoint keeps the optimizer state, so a rerun continues the "
                                    "same run.\n\n"
                                    "Fine-tune a shipped model on a lab's own slides:\n"
-                                   "  wsi-idf train fast --init-from wsi_idf/weights/fast-01b41279.safetensors "
+                                   f"  wsi-idf train fast --init-from {_shipped_weights('fast')} "
                                    "--data /lab/slides --minutes 60 --out finetuned/")
     p.add_argument("model", help="registered configuration (fast) or candidate in training (max, grown from fast "
                                  "with --grow-from); the name of the exported file")
