@@ -203,3 +203,26 @@ def test_zarr_batches_chunks_through_the_codec(tmp_path, val_patches):
         one_at_a_time = zarr.open_array(str(tmp_path / "b.zarr"), mode="r")[:, 7:301, 13:]
     assert np.array_equal(one_at_a_time, image[:, 7:301, 13:])
     assert np.array_equal(zarr.open_array(str(tmp_path / "b.zarr"), mode="r")[...], image)
+
+
+def test_numcodecs_own_checks_that_apply_to_an_image_codec(val_patches):
+    """numcodecs' codec checks (``numcodecs.tests.common``) where they fit an image codec: the config
+    round-trips, the repr is the instantiation statement, object buffers are refused with TypeError,
+    and decode refuses a buffer larger than any patch (``max_buffer_size``). The byte-codec checks
+    that encode arbitrary arrays (check_encode_decode, check_max_buffer_size) do not apply: a chunk
+    is one (3, 80, 80) uint8 patch, and anything else raises InvalidPatchError (a ValueError)."""
+    from numcodecs.tests.common import check_config, check_err_encode_object_buffer
+    codec = WsiIdf()
+    check_config(codec)
+    check_err_encode_object_buffer(codec)
+    for made in (codec, WsiIdf(archive="0123456789abcdef0123456789abcdef")):
+        stmt = repr(made)
+        assert repr(eval(stmt, {"WsiIdf": WsiIdf})) == stmt  # check_repr, with the class in scope
+    encoded = codec.encode(val_patches[0])
+    with pytest.raises(TypeError):  # check_err_decode_object_buffer, with a patch
+        codec.decode(encoded, out=np.empty(val_patches[0].size, dtype=object))
+    with pytest.raises(ValueError):
+        codec.decode(b"x" * (codec.max_buffer_size + 1))
+    with pytest.raises(ValueError):
+        codec.encode(np.zeros(10, dtype=np.int8))
+    assert np.array_equal(codec.decode(encoded).reshape(val_patches[0].shape), val_patches[0])

@@ -38,6 +38,11 @@ class WsiIdf(Codec):
     The network runs where ``WSI_IDF_DEVICE`` says (auto: the GPU when there is one); the
     bytes and pixels are the same on every device.
 
+    An image codec, not a byte codec: a chunk is one (3, 80, 80) uint8 RGB patch, because the
+    flow models 80x80 colour patches; anything else is refused (``InvalidPatchError``, a
+    ``ValueError``), so numcodecs' byte-codec checks that encode arbitrary arrays do not apply.
+    ``max_buffer_size`` bounds what ``decode`` accepts: no stored patch is larger.
+
     Examples
     --------
     >>> import numpy as np
@@ -51,6 +56,7 @@ class WsiIdf(Codec):
     """
 
     codec_id = "wsi_idf"
+    max_buffer_size = fmt.RAW_BYTES + fmt.HEADER.size + fmt.POSITION.size  # the encoder never writes more
 
     def __init__(self, model: str = DEFAULT_MODEL, weights: str | None = None, archive: str | None = None):
         # the configuration may come from a hostile archive: only a registered name and a hex
@@ -81,7 +87,12 @@ class WsiIdf(Codec):
         return encode_patches(patch, model=self._coding_model, archive_id=self._archive_id)[0]
 
     def decode(self, buf, out=None):
+        if out is not None and np.asarray(out).dtype == object:
+            raise TypeError("wsi_idf decodes into uint8 buffers, not object arrays")
         data = bytes(ensure_contiguous_ndarray(buf)) if not isinstance(buf, bytes) else buf
+        if len(data) > self.max_buffer_size:
+            raise ValueError(f"a wsi_idf patch is at most {self.max_buffer_size} bytes, not {len(data)}: "
+                             "not a chunk of this codec")
         patch = self.decode_many([data])[0]
         return ndarray_copy(patch, out) if out is not None else patch
 
@@ -116,9 +127,9 @@ class WsiIdf(Codec):
         config = {"id": self.codec_id, "model": self.model, "weights": self.weights}
         return {**config, "archive": self.archive} if self.archive else config
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # valid Python: eval(repr(codec)) is the same codec
         archive = f", archive={self.archive!r}" if self.archive else ""
-        return f"WsiIdf(model={self.model!r}, weights={self.weights[:12]!r}...{archive})"
+        return f"WsiIdf(model={self.model!r}, weights={self.weights!r}{archive})"
 
 
 def check_archive_id(archive: object) -> str | None:
