@@ -14,10 +14,11 @@ def test_models_json(capsys):
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert all(r["installed"] for r in rows)
+    from wsi_idf.coding.registry import DEFAULT_MODEL, MODELS, RETIRED
     registered = [r for r in rows if r["status"] == "registered"]
-    assert [r["name"] for r in registered if r["default"]] == ["fast"]
+    assert [r["name"] for r in registered if r["default"]] == [DEFAULT_MODEL]
     assert all(r["measured"]["val_bpsp"] > 0 and r["measured"]["decode_mpx_s"] > 0 for r in registered)
-    assert {r["weights"] for r in rows} >= {"fast-01b41279.safetensors", "max-c2b8d2d9.safetensors"}
+    assert [r["weights"] for r in rows] == [e.weights for e in (*MODELS.values(), *RETIRED)]  # retired ones listed
 
 
 def test_models_table_prints_numbers_not_adjectives(capsys):

@@ -82,7 +82,6 @@ def test_flipped_bytes_never_give_wrong_pixels(val_patches):
     patch = val_patches[:1]
     blob = bytearray(encode_patches(patch)[0])
     rng = np.random.default_rng(0)
-    raised = 0
     for _ in range(60):
         damaged = bytearray(blob)
         pos = int(rng.integers(0, len(blob)))
@@ -90,10 +89,10 @@ def test_flipped_bytes_never_give_wrong_pixels(val_patches):
         try:
             out = decode_patches([bytes(damaged)])
         except (CorruptPatchError, WeightsMismatchError):
-            raised += 1
-        else:  # only possible if the damage did not change the pixels at all
-            np.testing.assert_array_equal(out, patch)
-    assert raised >= 55
+            continue
+        # only possible if the damage did not change the pixels at all, and never in the checked header
+        assert pos >= fmt.HEADER.size + fmt.POSITION.size, f"a flip in the header (byte {pos}) was not caught"
+        np.testing.assert_array_equal(out, patch)
 
 
 def test_header_damage_has_clear_messages(val_patches):
@@ -317,5 +316,6 @@ print(keep_freed_memory(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - 
                                      text=True).stdout.split()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     tuned, faults = run(env)
-    assert tuned == "True" and int(faults) < 5000
-    assert run(dict(env, MALLOC_TRIM_THRESHOLD_="131072"))[0] == "False"
+    untuned, untuned_faults = run(dict(env, MALLOC_TRIM_THRESHOLD_="131072"))  # set at start: respected
+    assert (tuned, untuned) == ("True", "False")
+    assert int(faults) * 4 < int(untuned_faults), (faults, untuned_faults)  # freed tensors are reused

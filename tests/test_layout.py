@@ -115,5 +115,9 @@ def test_no_import_cycle_even_through_lazy_imports():
 def test_public_api_resolves_from_the_top():
     import wsi_idf
     for name in wsi_idf.__all__:
-        assert getattr(wsi_idf, name) is not None, name
+        value = getattr(wsi_idf, name)
+        if callable(value):  # functions and classes of wsi-idf itself, not something else of that name
+            assert value.__module__.startswith("wsi_idf"), (name, value.__module__)
+        else:
+            assert isinstance(value, (str, dict)) and value, name
     assert wsi_idf.WsiIdfCodec.__module__ == "wsi_idf.storage.zarr_codec"
