@@ -12,40 +12,31 @@ import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 
 from .._version import __version__
-from ..archive.layout import ARCHIVE_FORMAT, PREVIEW_MAX, PREVIEW_MIN, archive_sizes, ome_multiscale
+from ..archive.layout import ARCHIVE_FORMAT, PREVIEW_MAX, archive_sizes, ome_multiscale
 from ..storage.zarr_formats import FORMATS, remove_stale_temporaries, write_atomic
-from .cluster import Runner, runner, set_torch_threads
+from .cluster import Runner, runner
 from ..config import PATCH
 from ..errors import ArchiveError, SlideError, WsiIdfError
 from ..outputs import PLAN_FILE, check_output, is_unfinished_pack, output_lock
-from ..coding.registry import default_device, entry, get_model, model_sha256, require_device
-from ..digests import file_sha256, level_checksum, region_digest
-from ..storage.shards import DEFAULT_SHARD, ShardBox, build_shard, cut_patches, shard_boxes
-from ..slide import LOSSY_COMPRESSIONS, Slide, SlideRef, cached_slide, halve, level_as_dask, open_slide
+from ..coding.registry import entry, model_sha256, require_device
+from ..digests import level_checksum
+from ..storage.shards import DEFAULT_SHARD, ShardBox, shard_boxes
+from ..slide import LOSSY_COMPRESSIONS, Slide, open_slide
+from .shard_tasks import RECORDS_DIR, LevelLayout, ShardJob, encode_shard, record_path
+from .side_arrays import PREVIEW_MAX_SOURCE, create_levels, drop_costly_preview, write_associated, write_preview
+from .source_files import check_unchanged, restore_obstacle, source_sha256, source_stat, write_restore_data
 
 log = logging.getLogger("wsi_idf")
 
-RECORDS_DIR = ".wsi-idf-pack"
-PREVIEW_DOWNSAMPLE = 8  # the preview holds at most 1/64 of level 0's pixels
 MAX_SHARD = 5120  # 64 x 64 patches: a 235 MB raw shard at most
 
 
 CODECS = ("auto", "idf", "source")
-
-
-@dataclass(frozen=True)
-class LevelLayout:
-    """How one level is stored: IDF patches, or the source's own tiles (``source_tiles``)."""
-    storage: str  # "idf" or "source"
-    chunk: int  # 80 for IDF patches; the source's tile side
-    shard: int  # pixels, a multiple of chunk
-    source_codec: str | None = None  # "jpeg" or "jpeg2000" for source levels
 
 
 def plan_layouts(slide: Slide, codec: str, shard: int, zarr_format: int) -> list[LevelLayout]:
@@ -70,137 +61,8 @@ def plan_layouts(slide: Slide, codec: str, shard: int, zarr_format: int) -> list
     return layouts
 
 
-@dataclass(frozen=True)
-class ShardJob:
-    """Everything a worker needs besides the shard box; small and picklable."""
-    slide: SlideRef
-    root: str
-    model: str
-    weights: str
-    device: str
-    layouts: tuple[LevelLayout, ...]
-    zarr_format: int
-    torch_threads: int
-    archive_id: str | None = None  # enters every chunk's checksum (patch format 4)
-
-
 def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
-
-
-def record_path(root: Path, box: ShardBox) -> Path:
-    return root / RECORDS_DIR / str(box.level) / f"{box.row}.{box.col}.json"
-
-
-def encode_shard(box: ShardBox, job: ShardJob) -> dict:
-    """Task: read one shard's region from the source, encode its patches in one batch, write it whole."""
-    from ..coding.batch import encode_patches
-    layout = job.layouts[box.level]
-    if layout.storage == "source":
-        return keep_source_shard(box, job, layout)
-    set_torch_threads(job.torch_threads)
-    root = Path(job.root)
-    t0 = time.perf_counter()
-    region = cached_slide(job.slide).read(box.level, box.y0, box.y1, box.x0, box.x1)
-    patches, present = cut_patches(region, layout.shard)
-    device = str(default_device(job.device))
-    model = get_model(job.model, device, weights=job.weights)
-    timings = {"read_s": time.perf_counter() - t0}
-    per_side = layout.shard // PATCH
-    cells = [(box.row * per_side + int(r), box.col * per_side + int(c)) for r, c in np.argwhere(present)]
-    blobs = encode_patches(patches, model=model, batch_size=64 if device == "cpu" else 256, device=device,
-                           timings=timings, positions=[(box.level, r, c) for r, c in cells],
-                           archive_id=bytes.fromhex(job.archive_id) if job.archive_id else None)
-    t1 = time.perf_counter()
-    fmt = FORMATS[job.zarr_format]
-    if fmt.sharded:
-        write_atomic(fmt.chunk_file(root, box.level, box.row, box.col), build_shard(blobs, present))
-    else:
-        for blob, (r, c) in zip(blobs, cells):
-            write_atomic(fmt.chunk_file(root, box.level, r, c), blob)
-    record = {"shard": box.name, "digest": region_digest(region).hex(), "encoded_bytes": sum(map(len, blobs)),
-              "patches": len(blobs)}
-    write_atomic(record_path(root, box), json.dumps(record).encode())
-    timings["write_s"] = time.perf_counter() - t1
-    return {**record, "timings": timings, "worker": worker_name()}
-
-
-def keep_source_shard(box: ShardBox, job: ShardJob, layout: LevelLayout) -> dict:
-    """Task: one shard of a ``source`` level: the source's own tiles, kept bit-exactly (JPEG
-    recompressed with JPEG XL), each checked by decoding it as tifffile does. The record lists, per
-    kept segment, the piece of its chunk that gives its bytes back (``wsi-idf restore``)."""
-    from ..storage.source_tiles import Layout, encode_intervals, encode_segment, max_chunk_bytes
-    t0 = time.perf_counter()
-    slide = cached_slide(job.slide)
-    segments = slide.source_segments(box.level)
-    tile, per_side = layout.chunk, layout.shard // layout.chunk
-    rows, cols = -(-(box.y1 - box.y0) // tile), -(-(box.x1 - box.x0) // tile)
-    cells = [(box.y0 // tile + r, box.x0 // tile + c) for r in range(rows) for c in range(cols)]
-    tile_rows = segments.count // segments.across
-    members = [[(r * segments.stack + k) * segments.across + c for k in range(segments.stack)
-                if r * segments.stack + k < tile_rows] for r, c in cells]
-    raw = iter(slide.read_segments(box.level, [i for group in members for i in group]))
-    archive_id = bytes.fromhex(job.archive_id) if job.archive_id else None
-    t1 = time.perf_counter()
-    region = np.empty((rows * tile, cols * tile, 3), dtype=np.uint8)
-    blobs, pieces, source_bytes = [], [], 0
-    for (r, c), group in zip(cells, members):
-        data = [next(raw) for _ in group]
-        source_bytes += sum(map(len, data))
-        try:
-            if segments.stack > 1:
-                blob, pixels, kept = encode_intervals(data, segments.coding, group, segments.count, Layout.PLANAR,
-                                                      (box.level, r, c), (tile, tile), archive_id)
-            else:
-                blob, pixels, kept = encode_segment(data[0], segments.coding, (tile, tile), Layout.PLANAR,
-                                                    (box.level, r, c), archive_id=archive_id)
-        except Exception as exc:  # noqa: BLE001 - the decoders raise several types for damaged tiles
-            raise SlideError(f"{Path(job.slide.path).name}: level {box.level} tile at x={c * tile}, y={r * tile} "
-                             f"does not decode ({type(exc).__name__}: {exc}): the file is damaged") from None
-        if len(blob) > max_chunk_bytes(tile, tile):
-            raise SlideError(f"level {box.level} tile ({r}, {c}) takes {len(blob)} bytes, more than twice its raw "
-                             "pixels: it cannot be kept; use --codec idf")
-        blobs.append(blob)
-        pieces += [piece_record(i, (r, c), piece) for i, piece in zip(group, kept)]
-        y, x = (r - box.y0 // tile) * tile, (c - box.x0 // tile) * tile
-        region[y:y + pixels.shape[0], x:x + pixels.shape[1]] = pixels
-    region = region[:box.y1 - box.y0, :box.x1 - box.x0]
-    present = np.zeros((per_side, per_side), dtype=bool)
-    present[:rows, :cols] = True
-    t2 = time.perf_counter()
-    write_atomic(FORMATS[job.zarr_format].chunk_file(Path(job.root), box.level, box.row, box.col),
-                 build_shard(blobs, present))
-    record = {"shard": box.name, "digest": region_digest(region).hex(), "encoded_bytes": sum(map(len, blobs)),
-              "patches": len(blobs), "source_bytes": source_bytes, "pieces": pieces}
-    write_atomic(record_path(Path(job.root), box), json.dumps(record).encode())
-    timings = {"read_s": t1 - t0, "entropy_s": t2 - t1, "write_s": time.perf_counter() - t2}
-    return {**record, "timings": timings, "worker": worker_name()}
-
-
-def piece_record(segment: int, cell: tuple[int, int], piece) -> list:
-    """[segment index, chunk row, chunk column, start, stop, prefix hex, suffix hex]: JSON for a shard's record."""
-    return [segment, cell[0], cell[1], piece.start, piece.stop, piece.prefix.hex(), piece.suffix.hex()]
-
-
-def worker_name() -> str | None:
-    """The Dask worker running this task (None in process): shows where tasks were routed."""
-    try:
-        from distributed import get_worker
-        return get_worker().name
-    except (ImportError, ValueError):
-        return None
-
-
-def source_stat(files: list[Path]) -> dict:
-    """Size (all files) and latest modification time of a source's files: what must not change while packing."""
-    stats = [f.stat() for f in files]
-    return {"size": sum(s.st_size for s in stats), "mtime_ns": max(s.st_mtime_ns for s in stats)}
-
-
-def source_sha256(slide: Slide) -> str:
-    """A one-file source's sha256, or a folder's (``restore.folder_digest``)."""
-    from ..archive.restore import folder_digest
-    return file_sha256(slide.files[0]) if slide.files == [slide.path] else folder_digest(slide.files)
 
 
 def make_plan(slide: Slide, source: Path, model: str, weights: str, shard: int, zarr_format: int,
@@ -241,153 +103,6 @@ def prepare_output(out: Path, plan: dict, overwrite: bool, resume: bool, source:
         shutil.rmtree(partial, ignore_errors=True)
         raise ArchiveError(f"cannot write the archive at {out}: {exc.strerror or exc}") from exc
     return partial, False
-
-
-def create_levels(root: Path, slide: Slide, model: str, weights: str, layouts: list[LevelLayout],
-                  zarr_format: int, archive_id: str | None = None) -> None:
-    import zarr
-    for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):
-        zarr.create_array(store=str(root / str(i)), **FORMATS[zarr_format].level_array_kwargs(
-            lv.height, lv.width, layout.shard, model, weights, chunk=layout.chunk, archive=archive_id))
-
-
-def write_associated(root: Path, slide: Slide, drop_label: bool, zarr_format: int, keep_source: bool = False,
-                     model: str = "fast", weights: str | None = None, archive_id: str | None = None,
-                     checksums: dict | None = None) -> tuple[list[str], dict[str, list]]:
-    """Label, macro and thumbnail images, losslessly; the label is left out on request.
-
-    In zstd by default; with ``keep_source`` (Zarr v3) a JPEG image keeps its own strips or tiles
-    (recompressed with JPEG XL) and any other is stored as one lossless JPEG XL chunk, through the
-    ``wsi_idf`` codec: several times smaller, and a plain zarr reader with wsi-idf installed reads them.
-    Returns the names written and, per image whose segments were kept, their pieces (``piece_record``);
-    each array's chunk checksums go into ``checksums`` (``archive.integrity``)."""
-    from ..archive.integrity import array_checksums
-    import zarr
-    names = [n for n in slide.associated_names() if not (drop_label and n == "label")]
-    pieces: dict[str, list] = {}
-    if not names:
-        return [], pieces
-    fmt = FORMATS[zarr_format]
-    fmt.write_group(root / "associated", {"wsi_idf": {"associated": names}})
-    for name in names:
-        folder = root / "associated" / name
-        if not (keep_source and fmt.keeps_source_tiles):
-            image = slide.associated(name)
-            arr = zarr.create_array(store=str(folder), **fmt.standard_array_kwargs(image.shape, ("y", "x", "c")))
-            arr[...] = image
-            chunks = fmt.standard_chunks(image.shape)
-        else:
-            kept, image, chunks = write_associated_source(folder, slide, name, model, weights)
-            if kept:
-                pieces[f"associated/{name}"] = kept
-        if checksums is not None and archive_id:
-            checksums[f"associated/{name}"] = array_checksums(archive_id, f"associated/{name}", image, chunks)
-    return names, pieces
-
-
-def write_associated_source(folder: Path, slide: Slide, name: str, model: str, weights: str | None
-                            ) -> tuple[list, np.ndarray, tuple[int, int, int]]:
-    import zarr
-    from ..storage.source_tiles import Layout, encode_pixels, encode_segment
-    from ..storage.zarr_codec import WsiIdfCodec
-    image = slide.associated(name)
-    h, w, _ = image.shape
-    segments = slide.source_segments(name)
-    if segments is not None and segments.coding.kind == "jpeg":
-        ch, cw, across = segments.height, segments.width, segments.across
-        chunks, pieces = {}, []
-        for i, data in enumerate(slide.read_segments(name, list(range(segments.count)))):
-            r, c = divmod(i, across)
-            true = (min(ch, h - r * ch), min(cw, w - c * cw))
-            shape = (ch, cw) if segments.tiled else true  # a last strip is short; edge tiles are whole tiles
-            try:
-                blob, pixels, kept = encode_segment(data, segments.coding, shape, Layout.INTERLEAVED, chunk=(ch, cw))
-            except ValueError as exc:
-                raise ArchiveError(f"the {name} image's own segments cannot be kept ({exc}); use --codec idf") from None
-            if not np.array_equal(pixels[:true[0], :true[1]], image[r * ch:r * ch + true[0], c * cw:c * cw + true[1]]):
-                raise ArchiveError(f"the {name} image's own segments do not decode to its pixels; "
-                                   "use --codec idf")
-            chunks[(r, c)] = blob
-            pieces.append(piece_record(i, (r, c), kept[0]))
-    else:
-        ch, cw = h, w
-        chunks, pieces = {(0, 0): encode_pixels(image, Layout.INTERLEAVED)}, []
-        recipe = slide.strip_recipe(name)
-        if recipe is not None:  # the file's own strips, made again from the pixels (``storage.tiff_strips``)
-            from ..storage.tiff_strips import encode_strips
-            strips = encode_strips(image, recipe)
-            if strips == slide.read_segments(name, list(range(len(strips)))):
-                ends = np.cumsum([0] + [len(strip) for strip in strips]).tolist()
-                pieces = [[i, 0, 0, ends[i], ends[i + 1], "", "", recipe] for i in range(len(strips))]
-    zarr.create_array(store=str(folder), shape=(h, w, 3), chunks=(ch, cw, 3), dtype="uint8", fill_value=0,
-                      serializer=WsiIdfCodec(model=model, weights=weights), compressors=None, zarr_format=3,
-                      dimension_names=("y", "x", "c"), overwrite=True)
-    for (r, c), blob in chunks.items():
-        write_atomic(FORMATS[3].small_chunk_file(folder, (r, c, 0)), blob)
-    return pieces, image, (ch, cw, 3)
-
-
-PREVIEW_MAX_SOURCE = 512  # when levels keep their compact source tiles, a zstd preview would dominate the archive
-
-
-def write_preview(root: Path, slide: Slide, zarr_format: int, name: str, mpp, max_side: int = PREVIEW_MAX,
-                  archive_id: str | None = None, checksums: dict | None = None) -> int:
-    """A small pyramid (longest side at most 1024 and at least 8x below level 0, halving down to 256) in
-    zstd, from the smallest level.
-
-    Viewers without the wsi_idf codec (napari, QuPath, vizarr) open ``archive.zarr/preview``.
-    """
-    import dask.array as da
-    import zarr
-    smallest = len(slide.levels) - 1
-    lv = slide.levels[smallest]
-    factor = 1
-    # at most PREVIEW_MAX a side and at least PREVIEW_DOWNSAMPLE below level 0: a preview stays a small
-    # fraction of the archive even for a small single-level image
-    while ((max(lv.width, lv.height) / factor > max_side or lv.downsample * factor < PREVIEW_DOWNSAMPLE)
-           and min(lv.width, lv.height) // (2 * factor) >= 1):
-        factor *= 2
-    source = level_as_dask(slide.ref, smallest)
-    if factor > 1:
-        source = source[: lv.height // factor * factor, : lv.width // factor * factor]
-        image = da.coarsen(np.sum, source.astype(np.uint32), {0: factor, 1: factor}).compute(scheduler="threads")
-        image = ((image + factor * factor // 2) // (factor * factor)).astype(np.uint8)
-    else:
-        image = source.compute(scheduler="threads")
-    datasets = []
-    downsample = lv.downsample * factor
-    level = 0
-    while True:
-        planar = np.ascontiguousarray(image.transpose(2, 0, 1))
-        arr = zarr.create_array(store=str(root / "preview" / str(level)),
-                                **FORMATS[zarr_format].standard_array_kwargs(planar.shape, ("c", "y", "x")))
-        arr[...] = planar
-        if checksums is not None and archive_id:
-            from ..archive.integrity import array_checksums
-            checksums[f"preview/{level}"] = array_checksums(archive_id, f"preview/{level}", planar,
-                                                            FORMATS[zarr_format].standard_chunks(planar.shape))
-        datasets.append((str(level), downsample))
-        if max(image.shape[:2]) <= PREVIEW_MIN or min(image.shape[:2]) < 2:
-            break
-        image = halve(image)
-        downsample *= 2
-        level += 1
-    fmt = FORMATS[zarr_format]
-    fmt.write_group(root / "preview", fmt.image_attributes(ome_multiscale(f"{name} preview", datasets, mpp)))
-    return len(datasets)
-
-
-PREVIEW_SHARE = 0.1  # of the levels' bytes: beyond it a zstd preview is left out where levels keep their tiles
-
-
-def drop_costly_preview(root: Path, records: dict[str, dict], preview_levels: int) -> int:
-    """Leave out the zstd preview when it would cost more than a tenth of the kept levels (a small
-    slide: its own tiles are smaller than the preview's zstd pixels); its preview levels (0 then)."""
-    from ..archive.layout import tree_size
-    if tree_size(root / "preview") <= PREVIEW_SHARE * sum(r["encoded_bytes"] for r in records.values()):
-        return preview_levels
-    shutil.rmtree(root / "preview")  # written by this pack, inside its own unfinished archive
-    return 0
 
 
 def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None, device: str = "auto",
@@ -507,49 +222,6 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
             summary["shards"], summary["shards_reused"] = stats["shards"], stats["shards_reused"]
             summary["workers"] = sorted(str(w) for w in stats["workers"] if w is not None)
             return summary
-
-
-def check_unchanged(slide: Slide, recorded: dict) -> None:
-    """Refuse a source that changed while it was packed (replaced, still being copied): the archive
-    would mix two files and record a sha256 that matches neither."""
-    now = source_stat(slide.files)
-    if now != {k: recorded[k] for k in now}:
-        raise SlideError(f"{slide.path.name} changed while it was packed (size {recorded['size']} -> {now['size']} "
-                         "bytes, or its modification time); nothing was written: pack it again once it is complete")
-
-
-MULTI_FILE_FORMATS = {".mrxs", ".vms", ".vmu"}  # OpenSlide formats whose pixels live in files beside the named one
-
-
-def restore_obstacle(slide: Slide, layouts: list[LevelLayout], drop_label: bool) -> str | None:
-    """Why the archive cannot give the source file back without ``--restorable`` (None: it can)."""
-    if drop_label and "label" in slide.associated_names():
-        return "its label was dropped (--drop-label), and a restored file would carry it"
-    if slide.backend == "openslide" and slide.path.suffix.lower() in MULTI_FILE_FORMATS:
-        return f"a {slide.path.suffix} slide keeps its pixels in other files beside it, which restore does not cover"
-    coded = [str(i) for i, layout in enumerate(layouts) if layout.storage != "source"]
-    if coded:
-        return (f"level(s) {', '.join(coded)} are coded from their pixels, which cannot give the source's own "
-                "bytes back; pack with --restorable to keep those bytes too")
-    return None
-
-
-def write_restore_data(root: Path, slide: Slide, source: Path, layouts: list[LevelLayout], records: dict[str, dict],
-                       pieces: dict[str, list], sha256: str, zarr_format: int, obstacle: str | None,
-                       restorable: bool) -> dict:
-    """``restore/`` (``archive.restore``) when the archive can give its source back, else why not."""
-    from ..archive.restore import write_restore
-    if obstacle is not None and (not restorable or not obstacle.startswith("level")):
-        return {"restorable": False, "why": obstacle}
-    pieces = dict(pieces)
-    for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):
-        if layout.storage == "source":
-            pieces[str(i)] = [p for box in shard_boxes(i, lv.height, lv.width, layout.shard)
-                              for p in records[box.name]["pieces"]]
-    keys = {name: int(name) if name.isdigit() else name.split("/", 1)[1] for name in pieces}
-    offsets = {name: slide.segment_offsets(key) for name, key in keys.items()}
-    file_of = {name: slide.segment_file(key) for name, key in keys.items()}
-    return write_restore(root, slide.files, offsets, pieces, file_of, source.name, sha256, zarr_format)
 
 
 def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, device: str,
