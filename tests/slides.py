@@ -194,3 +194,22 @@ def write_ome_jpeg_pyramid(path: Path, height: int = 700, width: int = 900, seed
             tif.write(image, tile=(256, 256), photometric="rgb", compression="jpeg", compressionargs={"level": 90},
                       subfiletype=1)
     return path
+
+
+def write_ventana_bif(path: Path, height: int = 768, width: int = 1024, seed: int = 6, joints: bytes = b"") -> Path:
+    """A Ventana BIF: BigTIFF, iScan XMP (tag 700), a label and a thumbnail strip image, then the JPEG
+    pyramid pages ("level=N mag=M quality=Q"), tiles that do not overlap (tifffile reads them side by side)."""
+    levels = _jpeg_levels(seed, height, width)
+    xmp = (b'<?xml version="1.0" encoding="utf-8"?><Metadata><iScan Magnification="20" ScanRes="0.465" '
+           b'ScannerModel="VENTANA DP 200" />' + joints + b'</Metadata>')
+    software, tag = "ScanOutputManager 1.1.0.15854", [(700, 1, len(xmp), xmp, True)]
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(levels[-1][:, :150], photometric="rgb", compression="jpeg", description="Label_Image",
+                  software=software, extratags=tag, metadata=None)
+        tif.write(levels[-1], photometric="rgb", compression="jpeg", description="Thumbnail", software=software,
+                  metadata=None)
+        for k, image in enumerate(levels):
+            tif.write(image, tile=(256, 256), photometric="rgb", compression="jpeg", compressionargs={"level": 90},
+                      description=f"level={k} mag={20 / 2**k:g} quality=90", software=software,
+                      extratags=tag if k == 0 else None, metadata=None)
+    return path

@@ -1,5 +1,6 @@
 """Vendor TIFF flavours built from real tissue (no samples of them exist here): Philips TIFF, Leica SCN,
-OME-TIFF JPEG pyramids keep every level's tiles, read as tifffile (and OpenSlide) do, and restore."""
+Ventana BIF and OME-TIFF JPEG pyramids keep every level's tiles, read as tifffile (and OpenSlide) do,
+and restore."""
 from __future__ import annotations
 
 import json
@@ -9,12 +10,13 @@ import pytest
 import tifffile
 
 from conftest import NO_DATA
-from slides import TILE_FOLDER, write_leica_scn, write_ome_jpeg_pyramid, write_philips_tiff
+from slides import TILE_FOLDER, write_leica_scn, write_ome_jpeg_pyramid, write_philips_tiff, write_ventana_bif
 from wsi_idf import open_archive
 from wsi_idf.cli import main
 
 pytestmark = pytest.mark.skipif(not TILE_FOLDER.is_dir(), reason=NO_DATA)
-WRITERS = {"philips.tiff": write_philips_tiff, "leica.scn": write_leica_scn, "pyramid.ome.tif": write_ome_jpeg_pyramid}
+WRITERS = {"philips.tiff": write_philips_tiff, "leica.scn": write_leica_scn, "pyramid.ome.tif": write_ome_jpeg_pyramid,
+           "ventana.bif": write_ventana_bif}
 
 
 @pytest.mark.parametrize("name", sorted(WRITERS))
@@ -36,5 +38,18 @@ def test_vendor_tiffs_keep_their_tiles_and_restore(tmp_path, capsys, name):
                      "synchronous", "-q"]) == 0
     assert main(["restore", str(out), "-o", str(tmp_path / f"back-{name}"), "-q"]) == 0
     assert (tmp_path / f"back-{name}").read_bytes() == slide.read_bytes()
-    if name != "pyramid.ome.tif":
+    if name in ("philips.tiff", "leica.scn"):
         assert "macro" in archive.metadata["associated"]
+    if name == "ventana.bif":
+        assert archive.metadata["associated"] == ["label", "thumbnail"]
+
+
+def test_a_bif_whose_tiles_overlap_is_refused_by_tifffile(tmp_path):
+    """tifffile lays BIF tiles side by side; with overlapping tiles that is not the slide: one line, and
+    the advice to read it through OpenSlide, which stitches them."""
+    from wsi_idf.errors import SlideError
+    from wsi_idf.slide import open_slide
+    slide = write_ventana_bif(tmp_path / "overlap.bif",
+                              joints=b'<TileJointInfo Tile1="1" Tile2="2" OverlapX="9" OverlapY="0"/>')
+    with pytest.raises(SlideError, match="tiles overlap.*--backend openslide"):
+        open_slide(slide)

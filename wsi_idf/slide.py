@@ -53,6 +53,8 @@ class TiffSlide(Slide):
                              f"({type(exc).__name__}: {exc})") from exc
         self._series = series
         check_rgb8(path.name, series.dtype, series.shape, series.axes)
+        if self._tif.is_bif:
+            check_bif_overlap(path.name, self._tif)
         base = series.levels[0].shape
         for lv in series.levels:
             check_rgb8(path.name, lv.dtype, lv.shape, lv.axes)
@@ -224,6 +226,18 @@ class OpenSlideSlide(Slide):
 
     def close(self) -> None:
         self._slide.close()
+
+
+def check_bif_overlap(name: str, tif) -> None:
+    """tifffile lays a Ventana BIF's tiles side by side; where the scanner's tiles overlap (the XMP's
+    TileJointInfo) that is not the slide OpenSlide stitches: refuse, pointing to the reader that stitches."""
+    import re
+    for page in tif.pages:
+        xmp = page.tags.get(700)
+        text = xmp.value.decode("utf-8", "replace") if xmp is not None and isinstance(xmp.value, bytes) else ""
+        if any(int(v) for v in re.findall(r'Overlap[XY]="(-?\d+)"', text)):
+            raise SlideError(f"{name}: a Ventana BIF whose tiles overlap; tifffile does not stitch them: pack it "
+                             "with --backend openslide")
 
 
 def main_series(tif):
