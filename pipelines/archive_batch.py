@@ -141,7 +141,7 @@ def run_batch(slides: Sequence[Path], out_dir: Path, scheduler: str | None, prog
         earlier = {row["slide"]: row for row in json.loads((out_dir / "manifest.json").read_text())}
     names = archive_names(slides)
     rows: list[dict] = []
-    for slide in tqdm(slides, desc="slides", unit="slide", disable=None if progress else True)  # no bar in logs:
+    for slide in tqdm(slides, desc="slides", unit="slide", disable=None if progress else True):  # no bar in logs
         out = out_dir / names[slide]
         row = {"slide": str(slide), "archive": str(out), "status": "failed", "error": ""}
         t0 = time.perf_counter()

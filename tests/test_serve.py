@@ -84,7 +84,7 @@ def test_dzi_and_tiles_are_the_stored_pixels_at_archive_levels(client, served):
     assert tile.shape[:2] != (0, 0)
     small = png(client.get("/slides/tissue_files/8/0_0.png").content)  # from the preview: 175x138
     assert small.shape == (138, 175, 3) and small.std() > 5
-    jpeg = client.get(f"/slides/cmu_files/12/3_3.jpeg")
+    jpeg = client.get("/slides/cmu_files/12/3_3.jpeg")
     assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
     assert client.get("/slides/tissue_files/12/0_0.png").status_code == 404  # beyond the pyramid
     assert client.get(f"/slides/tissue_files/{top}/6_0.png").status_code == 404  # beyond the slide
