@@ -175,12 +175,15 @@ def test_damaged_chunk_in_shard_raises_and_neighbours_still_read(tmp_path, regio
 
 @pytest.mark.parametrize("device,batch", [("cpu", 16), ("cuda", 256), ("cuda:1", 256), (" CPU ", 16)])
 def test_zarr_batch_follows_the_decoding_device_without_torch(device, batch):
-    """16 patches per codec call on CPU, 256 where a GPU decodes; choosing never imports torch."""
-    code = ("import sys, zarr, wsi_idf.storage.zarr_codec; "
+    """16 patches per codec call on CPU, 256 where a GPU decodes, set when the first array with the
+    codec is opened (not when the codec is looked up or imported); choosing never imports torch."""
+    code = ("import sys, zarr; from zarr.registry import get_codec_class; codec = get_codec_class('wsi_idf'); "
+            "from wsi_idf.coding.registry import entry; weights = entry('fast').weights.split('-')[1][:8]; "
+            "print(zarr.config.get('codec_pipeline.batch_size')); codec(model='fast', weights=weights); "
             "print(zarr.config.get('codec_pipeline.batch_size'), 'torch' in sys.modules)")
     env = dict(os.environ, WSI_IDF_DEVICE=device)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [str(batch), "False"]
+    assert out.stdout.split() == ["1", str(batch), "False"]
 
 
 def test_codecs_pickle_as_configuration():
@@ -194,6 +197,7 @@ def test_zarr_batches_chunks_through_the_codec(tmp_path, val_patches):
     """zarr passes a batch of chunks per codec call once wsi_idf's codec is loaded; results equal one at a time."""
     import zarr
     from wsi_idf.storage.zarr_codec import WsiIdfCodec, decode_batch_size
+    WsiIdfCodec()  # the first array with the codec raises zarr's batch from its default
     assert zarr.config.get("codec_pipeline.batch_size") == decode_batch_size()
     image = val_patches[:16].reshape(4, 4, 3, 80, 80).transpose(2, 0, 3, 1, 4).reshape(3, 320, 320)
     arr = zarr.create_array(str(tmp_path / "b.zarr"), shape=image.shape, dtype="uint8", chunks=(3, 80, 80),

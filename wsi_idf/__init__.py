@@ -1,12 +1,8 @@
-"""wsi-idf: lossless whole-slide image archiving with Integer Discrete Flows."""
-import os
+"""wsi-idf: lossless whole-slide image archiving with Integer Discrete Flows.
 
-# before torch loads OpenMP: waiting threads sleep instead of spinning, so a busy machine costs a
-# share of decode speed rather than nine tenths of it (``wsi_idf.coding.threads``)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+Importing it changes nothing in the process: coding's defaults (``coding.runtime``) apply when
+coding is first used, and zarr's decode batch when an array with the ``wsi_idf`` codec is opened."""
 from .archive import Archive, open_archive
-from .coding.registry import DEFAULT_MODEL, MODELS, get_model
 from .errors import (ArchiveError, CorruptPatchError, InvalidPatchError, SlideError, UnknownModelError,
                      WeightsMismatchError, WsiIdfError)
 
@@ -25,6 +21,9 @@ def pack_slide(*args, **kwargs):  # imported lazily: it brings in Dask
 
 
 def __getattr__(name: str):  # imported on first use: torch (the batch API) or zarr's codec machinery
+    if name in ("DEFAULT_MODEL", "MODELS", "get_model"):
+        from .coding import registry
+        return getattr(registry, name)
     if name in ("encode_patches", "decode_patches", "ideal_bits"):
         from . import coding
         return getattr(coding, name)

@@ -21,9 +21,10 @@ oversubscribed, because OpenMP threads spin-wait for each other. Two rules keep 
   decoding 1.44-1.51 -> 1.14-1.19 s for a region's 196 patches and encoding 0.82 -> 1.03-1.10
   Mpx/s, with system time 1.19 -> 0.16 s and a second decode of 32 patches faulting 0 pages
   instead of ~23,000; a first region read's peak RSS rose 450 -> 500 MB.
-- ``OMP_WAIT_POLICY=PASSIVE`` (set by ``wsi_idf/__init__`` unless the environment says otherwise,
-  effective when wsi_idf is imported before torch): a waiting OpenMP thread sleeps instead of
-  spinning, so another process using a core costs a share of speed, not nine tenths of it.
+- ``OMP_WAIT_POLICY=PASSIVE`` (``coding.runtime``: set as the coding package is first imported,
+  unless the environment says otherwise, effective when that comes before torch): a waiting OpenMP
+  thread sleeps instead of spinning, so another process using a core costs a share of speed, not
+  nine tenths of it.
 """
 from __future__ import annotations
 

@@ -49,18 +49,32 @@ def decode_batch_size() -> int:
 # decoding patches in batches made region reads 3x faster (measured: a 512x512 region 1.23 s -> 0.40 s
 # on 2 cores at 64). Since batches run side by side (``coding.threads.run_batches``), 16 reads as fast
 # as 64 at half the memory (2 cores, a 1024x1024 region: 0.75-0.79 s and 550 MB peak at 16, 0.85-0.94 s
-# and 1.0-1.1 GB at 64; 2048x2048: 2.34 s / 630 MB against 2.71 s / 1.24 GB). Raised only while it is
-# still zarr's default, so a user's choice stands.
-if zarr.config.get("codec_pipeline.batch_size") == 1:
-    zarr.config.set({"codec_pipeline.batch_size": decode_batch_size()})
+# and 1.0-1.1 GB at 64; 2048x2048: 2.34 s / 630 MB against 2.71 s / 1.24 GB). Raised when the first
+# array with this codec is opened (zarr builds an array's pipeline after its codecs), not when the
+# codec is registered or imported, and only while it is still zarr's default: a user's choice stands.
+_batch_raised = False
+
+
+def raise_decode_batch() -> None:
+    global _batch_raised
+    if not _batch_raised:
+        _batch_raised = True
+        if zarr.config.get("codec_pipeline.batch_size") == 1:
+            zarr.config.set({"codec_pipeline.batch_size": decode_batch_size()})
+
 
 # zarr runs up to async.concurrency (10) batches at once; each holds the network's activations for
 # its patches, and one call already spreads its batches over the cores. Bounding the batches in flight
-# bounds memory without slowing anything down.
-_in_flight = threading.BoundedSemaphore(max(1, min(4, os.cpu_count() or 1)))
+# bounds memory without slowing anything down (made on first use).
+_in_flight: threading.BoundedSemaphore | None = None
+_in_flight_lock = threading.Lock()
 
 
 def _bounded(fn, *args):
+    global _in_flight
+    with _in_flight_lock:
+        if _in_flight is None:
+            _in_flight = threading.BoundedSemaphore(max(1, min(4, len(os.sched_getaffinity(0)))))
     with _in_flight:
         return fn(*args)
 
@@ -81,6 +95,7 @@ class WsiIdfCodec(ArrayBytesCodec):
         object.__setattr__(self, "weights", engine.weights)
         object.__setattr__(self, "archive", engine.archive)
         object.__setattr__(self, "_codec", engine)  # not a dataclass field: kept out of eq/repr
+        raise_decode_batch()
 
     def __reduce__(self):  # pickle the configuration, not the loaded model (Dask ships codecs to workers)
         return _codec_from_config, (self.model, self.weights, self.archive)
