@@ -30,7 +30,7 @@ from pathlib import Path
 
 from wsi_idf.archive.layout import archive_sizes, read_attributes
 from wsi_idf.archive.restore import restore_info
-from wsi_idf.storage.zarr_formats import write_atomic
+from wsi_idf.outputs import write_atomic
 from wsi_idf.cli import configure_logging
 from wsi_idf.errors import WsiIdfError
 from wsi_idf.jobs.pack import pack_slide, partial_path

@@ -1,4 +1,5 @@
-"""What wsi-idf may replace: only outputs it wrote itself, never a source, never a user's file.
+"""What wsi-idf may replace: only outputs it wrote itself, never a source, never a user's file; and
+how it writes: whole objects by rename (``write_atomic``), whose leftovers only it clears.
 
 Every command that writes checks its output path here first. ``--overwrite`` replaces a
 wsi-idf archive (recognized by its root metadata), an unfinished pack (by its plan file), or
@@ -10,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +20,7 @@ from .errors import ArchiveError
 
 SOFTWARE = "wsi-idf"  # the mark on TIFF and PNG files wsi-idf writes (TIFF Software tag, PNG text)
 PLAN_FILE = ".wsi-idf-pack.json"  # the mark of an unfinished pack
+TEMP_NAME = re.compile(r"^\..+\.\d+\.tmp$")  # write_atomic's temporary names: .{name}.{pid}.tmp
 
 
 def is_archive(path: Path) -> bool:
@@ -134,3 +137,22 @@ def output_lock(out: Path) -> Iterator[None]:
         except OSError:
             pass
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary name and rename: a crash leaves either nothing or the whole object
+    (and, killed mid-write, a temporary file that ``remove_stale_temporaries`` clears on resume)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def remove_stale_temporaries(root: Path) -> int:
+    """Delete ``write_atomic``'s temporary files under ``root`` (left by a killed writer); returns how
+    many. Only for a folder wsi-idf wrote itself, with no writer running (an unfinished pack being resumed)."""
+    stale = [p for p in root.rglob(".*.tmp") if p.is_file() and not p.is_symlink() and TEMP_NAME.match(p.name)]
+    for p in stale:
+        p.unlink()
+    return len(stale)

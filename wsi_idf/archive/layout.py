@@ -24,6 +24,7 @@ import numpy as np
 
 from ..config import CHANNELS, PATCH
 from ..errors import ArchiveError, DamagedArchiveError, WsiIdfError
+from ..outputs import is_unfinished_pack
 from ..storage.zarr_formats import FORMATS, detect
 
 # 3: wsi-idf 0.5: restore data, kept NDPI intervals and DICOM frames (older wsi-idf refuses it by
@@ -62,7 +63,7 @@ def read_attributes(path: str | Path) -> tuple[dict, int]:
         attrs, fmt = zarr_format.attributes(read_json(path / zarr_format.root_file)), zarr_format.version
     else:
         partial = "; it looks like an unfinished pack (finish it with `wsi-idf pack --resume`)" \
-            if path.name.endswith(".partial") or (path / ".wsi-idf-pack.json").exists() else ""
+            if path.name.endswith(".partial") or is_unfinished_pack(path) else ""
         raise ArchiveError(f"{path}: not a wsi-idf archive (no root metadata){partial}")
     meta = attrs.get("wsi_idf") if isinstance(attrs, dict) else None
     if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_FORMATS:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from .._version import __version__
 from ..archive.layout import ARCHIVE_FORMAT, PREVIEW_MAX, archive_sizes, ome_multiscale
-from ..storage.zarr_formats import FORMATS, remove_stale_temporaries, write_atomic
+from ..storage.zarr_formats import FORMATS
 from .cluster import Runner, runner
 from ..config import PATCH
 from ..errors import ArchiveError, SlideError, WsiIdfError
-from ..outputs import PLAN_FILE, check_output, is_unfinished_pack, output_lock
+from ..outputs import (PLAN_FILE, check_output, is_unfinished_pack, output_lock, remove_stale_temporaries,
+                       write_atomic)
 from ..coding.registry import entry, model_sha256, require_device
 from ..digests import level_checksum
 from ..storage.shards import DEFAULT_SHARD, ShardBox, shard_boxes

@@ -15,7 +15,8 @@ from ..digests import region_digest
 from ..errors import SlideError
 from ..slide import SlideRef, cached_slide
 from ..storage.shards import ShardBox, build_shard, cut_patches
-from ..storage.zarr_formats import FORMATS, write_atomic
+from ..outputs import write_atomic
+from ..storage.zarr_formats import FORMATS
 from .cluster import set_torch_threads
 
 

@@ -10,7 +10,8 @@ import numpy as np
 from ..archive.layout import PREVIEW_MAX, PREVIEW_MIN, ome_multiscale
 from ..errors import ArchiveError
 from ..slide import Slide, halve, level_as_dask
-from ..storage.zarr_formats import FORMATS, write_atomic
+from ..outputs import write_atomic
+from ..storage.zarr_formats import FORMATS
 from .shard_tasks import LevelLayout, piece_record
 
 

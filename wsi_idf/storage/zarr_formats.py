@@ -7,12 +7,11 @@ Zarr v3 (the default) holds OME-NGFF 0.5 and shards; Zarr v2 holds OME-NGFF 0.4 
 from __future__ import annotations
 
 import json
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import CHANNELS, PATCH
+from ..outputs import write_atomic
 
 STANDARD_CHUNK = 512
 ZSTD_LEVEL = 19
@@ -22,26 +21,6 @@ OMERO = {"rdefs": {"model": "color"}, "channels": [
 V3_KEYS = {"name": "default", "configuration": {"separator": "/"}}
 
 
-TEMP_NAME = re.compile(r"^\..+\.\d+\.tmp$")  # write_atomic's temporary names: .{name}.{pid}.tmp
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary name and rename: a crash leaves either nothing or the whole object
-    (and, killed mid-write, a temporary file that ``remove_stale_temporaries`` clears on resume)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def remove_stale_temporaries(root: Path) -> int:
-    """Delete ``write_atomic``'s temporary files under ``root`` (left by a killed writer); returns how
-    many. Only for a folder wsi-idf wrote itself, with no writer running (an unfinished pack being resumed)."""
-    stale = [p for p in root.rglob(".*.tmp") if p.is_file() and not p.is_symlink() and TEMP_NAME.match(p.name)]
-    for p in stale:
-        p.unlink()
-    return len(stale)
 
 
 @dataclass(frozen=True)
