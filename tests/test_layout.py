@@ -125,12 +125,12 @@ def test_public_api_resolves_from_the_top():
 
 def test_importing_wsi_idf_changes_nothing_in_the_process():
     """No side effects at import: the environment, zarr's configuration and the loaded modules stay
-    as they were until coding is used (then OMP_WAIT_POLICY defaults to PASSIVE, a user's value wins)."""
+    as they were until coding loads torch (then OMP_WAIT_POLICY defaults to PASSIVE; a user's value wins)."""
     code = ("import os, sys, zarr; before = dict(os.environ); batch = zarr.config.get('codec_pipeline.batch_size'); "
             "import wsi_idf, wsi_idf.archive, wsi_idf.slide; "
             "print(dict(os.environ) == before, zarr.config.get('codec_pipeline.batch_size') == batch, "
-            "'torch' in sys.modules, any(m.startswith('wsi_idf.coding') for m in sys.modules)); "
-            "wsi_idf.MODELS; print(os.environ.get('OMP_WAIT_POLICY'))")
+            "'torch' in sys.modules, 'wsi_idf.coding.runtime' in sys.modules); "
+            "wsi_idf.decode_patches; print(os.environ.get('OMP_WAIT_POLICY'))")
     env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split() == ["True", "True", "False", "False", "PASSIVE"]

@@ -18,6 +18,7 @@ read through it, so they agree with each other and with ``verify``.
 from __future__ import annotations
 
 import re
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ import numpy as np
 
 from ..coding import patch_format as fmt
 from ..config import CHANNELS, PATCH
-from ..errors import ArchiveError, CorruptPatchError, WeightsMismatchError
+from ..errors import ArchiveError, CorruptPatchError, DamagedArchiveError, WeightsMismatchError, WsiIdfError
 from ..storage.shards import ShardIndex
 from ..storage.zarr_formats import FORMATS, ZarrFormat
 
@@ -230,3 +231,98 @@ def _chunk_prefix(f, offset: int, nbytes: int, flow_levels: int | None, counter:
     if need <= len(head):
         return head[:need]
     return head + _read(f, offset + len(head), need - len(head), counter)
+
+
+MAX_SMALL_IMAGE_BYTES = 2**28  # preview levels and associated images (a macro is ~10 MB)
+
+
+MAX_METADATA_BYTES = 2**24
+
+
+def read_json(path: Path) -> dict:
+    """A metadata file, bounded in size; damage is an ArchiveError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_METADATA_BYTES + 1)
+        if len(data) > MAX_METADATA_BYTES:
+            raise ValueError(f"larger than {MAX_METADATA_BYTES} bytes")
+        value = json.loads(data)
+    except FileNotFoundError:
+        raise DamagedArchiveError(f"{path}: missing: the archive is damaged or incomplete") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise DamagedArchiveError(f"{path}: unreadable metadata ({str(exc)[:100]}): the archive is damaged") from None
+    if not isinstance(value, dict):
+        raise DamagedArchiveError(f"{path}: metadata is not a JSON object: the archive is damaged")
+    return value
+
+
+def check_small_array(folder: Path, zarr_format: int) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """Shape and chunks of a preview or associated array (and whether the wsi_idf codec keeps it),
+    refused unless it is uint8 as wsi-idf writes it and small: a crafted one must not make a reader
+    allocate without bound."""
+    fmt = FORMATS[zarr_format]
+    layout = fmt.small_array_layout(read_json(folder / fmt.array_file))
+    shape, chunks, kept = layout if layout is not None else (None, None, False)
+    valid = lambda v: (isinstance(v, list) and 1 <= len(v) <= 3
+                       and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v))
+    if layout is None or not valid(shape) or not valid(chunks) or len(chunks) != len(shape) \
+            or int(np.prod(shape, dtype=object)) > MAX_SMALL_IMAGE_BYTES \
+            or int(np.prod(chunks, dtype=object)) > MAX_SMALL_IMAGE_BYTES:
+        raise DamagedArchiveError(f"{folder}: not a small uint8 zstd array as wsi-idf writes them: damaged or forged")
+    return tuple(shape), tuple(chunks), kept
+
+
+def read_small_array(folder: Path, zarr_format: int, meta: dict | None = None, path: str | None = None) -> np.ndarray:
+    """A preview level or associated image, each chunk decompressed into a buffer of exactly its
+    size: a zstd bomb raises instead of filling memory (plain zarr does not bound this). With the
+    archive metadata ``meta``, each chunk must match the checksum recorded for array ``path``
+    (``integrity``): damage, a moved chunk or one from another archive raises."""
+    from numcodecs import Zstd
+    from ..storage.source_tiles import decode_chunk
+    from .integrity import check_chunk, chunk_boxes, expected_checksums
+    shape, chunks, kept = check_small_array(folder, zarr_format)
+    boxes = chunk_boxes(shape, chunks)
+    expected = expected_checksums(meta, path, len(boxes)) if meta is not None else None
+    archive_id = meta.get("archive_id") if meta is not None else None
+    out = np.empty(shape, dtype=np.uint8)
+    for k, (coords, box) in enumerate(boxes):
+        chunk_path = FORMATS[zarr_format].small_chunk_file(folder, coords)
+        buffer = np.empty(chunks, dtype=np.uint8)
+        try:
+            with open(chunk_path, "rb") as f:
+                data = f.read(MAX_SMALL_IMAGE_BYTES + 1)
+            if kept:  # a source image kept by the wsi_idf codec; its decoder checks sizes first
+                buffer[...] = decode_chunk(data, chunks)
+            else:
+                Zstd().decode(data, out=buffer)
+        except FileNotFoundError:
+            raise ArchiveError(f"{chunk_path}: chunk missing: the archive is damaged") from None
+        except (OSError, RuntimeError, ValueError, WsiIdfError) as exc:
+            raise ArchiveError(f"{chunk_path}: chunk does not decompress to its {buffer.nbytes} bytes ({exc}): "
+                               "the archive is damaged") from None
+        pixels = buffer[tuple(slice(0, b.stop - b.start) for b in box)]
+        check_chunk(archive_id, path or "", coords, pixels, expected[k] if expected else None, folder)
+        out[box] = pixels
+    return out
+
+
+class CheckedLevel:
+    """An array-like view of one level through ``LevelReader`` (for ``dask.array.from_array``)."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __init__(self, reader):
+        self.reader = reader
+        self.shape = (CHANNELS, reader.height, reader.width)
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        channels, ys, xs = (k if isinstance(k, slice) else slice(k, k + 1) for k in key)
+        y0, y1, _ = ys.indices(self.shape[1])
+        x0, x1, _ = xs.indices(self.shape[2])
+        if y1 <= y0 or x1 <= x0:
+            return np.empty((len(range(*channels.indices(CHANNELS))), max(0, y1 - y0), max(0, x1 - x0)), np.uint8)
+        pixels, _ = self.reader.region(x0, y0, x1 - x0, y1 - y0)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1)[channels, ::ys.step or 1, ::xs.step or 1])

@@ -339,7 +339,7 @@ class ChunkStreams:
             return chunk_stream(blob)
         if not name.startswith("associated/") or name.split("/", 1)[1] not in self.archive.metadata["associated"]:
             raise DamagedArchiveError(f"{self.archive.path}: restore data names an unknown array {name[:40]!r}")
-        from .layout import check_small_array
+        from .reader import check_small_array
         folder = self.archive.path / name
         shape, chunks, kept = check_small_array(folder, self.archive.zarr_format)
         path = FORMATS[self.archive.zarr_format].small_chunk_file(folder, (row, col, 0))

@@ -6,10 +6,6 @@ training models (``wsi_idf.model``). The batch API is imported on first use: ``p
 the registry's table need no torch.
 """
 
-from .runtime import configure_runtime
-
-configure_runtime()  # before any module of this package imports torch (``coding.runtime``)
-
 __all__ = ["encode_patches", "decode_patches", "ideal_bits"]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-import torch
+from .runtime import torch
 
 from . import patch_format as fmt
 from ..config import CHANNELS, PATCH

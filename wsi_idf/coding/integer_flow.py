@@ -14,8 +14,9 @@ import contextlib
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from .runtime import torch
+
+F = torch.nn.functional
 
 from ..config import ACT_LEVELS, IN_MAX, IN_MIN, MEAN_STEPS, PATCH, IDFConfig
 

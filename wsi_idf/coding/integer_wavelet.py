@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import torch
+from .runtime import torch
 
 from . import lifting
 from ..config import CHANNELS, WaveletConfig

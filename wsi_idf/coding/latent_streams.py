@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import constriction
 import numpy as np
-import torch
+from .runtime import torch
 
 from . import compiled_rans
 from . import patch_format as fmt

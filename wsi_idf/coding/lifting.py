@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
+from .runtime import torch
+
+F = torch.nn.functional
 
 from ..config import CHANNELS
 

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
+from .runtime import torch
 from safetensors import safe_open
 
 from ..digests import file_sha256

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
-import torch
+from .runtime import torch
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -175,7 +175,7 @@ def shrink(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _preview_shape(archive, level: int) -> tuple[int, int] | None:
-    from ..archive.layout import check_small_array
+    from ..archive.reader import check_small_array
     try:
         shape, _, _ = check_small_array(archive.path / "preview" / str(level), archive.zarr_format)
     except ArchiveError:
