@@ -69,6 +69,11 @@ def not_found(message: str = "not found") -> Response:
     return Response(message, status_code=404, media_type="text/plain")
 
 
+def damaged(exc: Exception) -> Response:
+    """A tile or image that does not decode: an error the viewer marks, never other pixels."""
+    return Response(f"damaged: {exc}", status_code=500, media_type="text/plain", headers={"X-WSI-IDF-Damaged": "1"})
+
+
 def build_app(root: str | Path, show_label: bool = False) -> Starlette:
     """The ASGI app serving the archive (or folder of archives) ``root``."""
     server = Server(Path(root), show_label)
@@ -115,8 +120,7 @@ def build_app(root: str | Path, show_label: bool = False) -> Starlette:
         except TileNotFound as exc:
             return not_found(str(exc))
         except (CorruptPatchError, ArchiveError) as exc:
-            return Response(f"damaged: {exc}", status_code=500, media_type="text/plain",
-                            headers={"X-WSI-IDF-Damaged": "1"})
+            return damaged(exc)
         return Response(data, media_type=f"image/{fmt}", headers={"Cache-Control": "max-age=3600"})
 
     async def associated_image(request: Request) -> Response:
@@ -131,7 +135,7 @@ def build_app(root: str | Path, show_label: bool = False) -> Starlette:
         except TileNotFound:
             return not_found()
         except (CorruptPatchError, ArchiveError) as exc:
-            return Response(f"damaged: {exc}", status_code=500, media_type="text/plain")
+            return damaged(exc)
         return Response(data, media_type="image/png")
 
     async def thumbnail(request: Request) -> Response:
@@ -141,7 +145,7 @@ def build_app(root: str | Path, show_label: bool = False) -> Starlette:
         except TileNotFound:
             return not_found()
         except (CorruptPatchError, ArchiveError) as exc:
-            return Response(f"damaged: {exc}", status_code=500, media_type="text/plain")
+            return damaged(exc)
         return Response(data, media_type="image/png")
 
     async def api_slides(request: Request) -> Response:
