@@ -30,7 +30,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..errors import ArchiveError, CorruptPatchError, WsiIdfError
+from ..errors import ArchiveError, CorruptPatchError
 from .catalog import Entry, load_catalog
 from .deepzoom import FORMATS, ChunkCache, DeepZoom, TileNotFound
 
@@ -267,4 +267,4 @@ def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8000, show_labe
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
-__all__ = ["build_app", "serve", "WsiIdfError"]
+__all__ = ["build_app", "serve"]
