@@ -28,7 +28,7 @@ def pack(capsys, slide: Path, out: Path, *extra: str) -> dict:
 
 
 def write_dicom(path: Path, image: np.ndarray, tile: int, syntax: str) -> Path:
-    """A TILED_FULL DICOM WSI of ``image`` (real tissue) in ``tile`` frames: uncompressed or JPEG-LS lossless."""
+    """A TILED_FULL DICOM WSI of ``image`` (real tissue) in ``tile`` frames: uncompressed, JPEG-LS or RLE lossless."""
     import imagecodecs
     import pydicom
     from pydicom.encaps import encapsulate
@@ -45,6 +45,10 @@ def write_dicom(path: Path, image: np.ndarray, tile: int, syntax: str) -> Path:
     if syntax == "native":
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
         ds.PixelData = b"".join(f.tobytes() for f in frames)
+    elif syntax == "rle":  # pydicom's own RLE Lossless encoder
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.PixelData = b"".join(f.tobytes() for f in frames)
+        ds.compress(pydicom.uid.RLELossless, encoding_plugin="pydicom")
     else:
         ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLSLossless
         ds.PixelData = encapsulate([imagecodecs.jpegls_encode(f) for f in frames])
@@ -72,7 +76,7 @@ def test_camelyon_keeps_its_jpeg_frames_equal_to_openslide_and_restores(tmp_path
     assert (tmp_path / "c.dcm").read_bytes() == CAMELYON.read_bytes()
 
 
-@pytest.mark.parametrize("syntax", ["native", "jpegls"])
+@pytest.mark.parametrize("syntax", ["native", "jpegls", "rle"])
 def test_lossless_dicom_frames_are_coded_with_the_idf(tmp_path, capsys, syntax):
     image = mosaic(230, 310, seed=11)
     slide = write_dicom(tmp_path / f"{syntax}.dcm", image, 128, syntax)

@@ -194,3 +194,22 @@ def test_archives_of_earlier_versions_read_and_verify(name, tmp_path, capsys):
         import tifffile
         with tifffile.TiffFile(restored) as tif:
             assert np.array_equal(tif.series[0].levels[0].asarray(), archive.region(0, 0, 0, w, h))
+
+
+def test_a_truncated_ndpi_is_one_line_and_nothing_is_written(work, capsys):
+    cut = work / "cut.ndpi"
+    cut.write_bytes(NDPI_DAPI.read_bytes()[:2_000_000])
+    assert main(["pack", str(cut), "-o", str(work / "cut.zarr"), "--scheduler", "synchronous"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "truncated or damaged" in err
+    assert not (work / "cut.zarr").exists() and not (work / "cut.zarr.partial").exists()
+
+
+def test_pack_says_when_openslide_decoded_the_pixels(work, capsys):
+    from slides import SLIDES
+    out = work / "boxes.zarr"
+    assert main(["pack", str(SLIDES / "boxes.tiff"), "-o", str(out), "--backend", "openslide",
+                 "--scheduler", "synchronous"]) == 0
+    text = capsys.readouterr().out
+    assert "read      through OpenSlide: its decoded pixels were coded with the IDF" in text
+    assert "not restorable" in text

@@ -4,7 +4,7 @@ One file is one pyramid level: a TILED_FULL grid of frames (one focal plane, one
 a folder of one series' files is a pyramid (``DicomSlide``).
 JPEG baseline and JPEG 2000 frames are lossy-at-scan tiles that the archive keeps as they are
 (``--codec auto``, as SVS tiles; each frame's bytes come back for ``wsi-idf restore``); JPEG-LS and
-uncompressed frames are decoded and coded with the IDF. JPEG frames decode with libjpeg-turbo's
+uncompressed frames, and RLE Lossless frames, are decoded and coded with the IDF. JPEG frames decode with libjpeg-turbo's
 own colour-space choice (imagecodecs, as OpenSlide 4 does: equal on the real Camelyon file).
 TILED_SPARSE files, concatenations, several focal planes or optical paths are refused with one line.
 """
@@ -21,7 +21,7 @@ from .slide_base import Level, Slide, SlideInfo, SourceSegments, check_rgb8
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit and explicit VR little endian
 KEPT = {"1.2.840.10008.1.2.4.50": "jpeg", "1.2.840.10008.1.2.4.91": "jpeg2000", "1.2.840.10008.1.2.4.90": "jpeg2000"}
-DECODED = {"1.2.840.10008.1.2.4.80": "jpegls", "1.2.840.10008.1.2.4.81": "jpegls"}
+DECODED = {"1.2.840.10008.1.2.4.80": "jpegls", "1.2.840.10008.1.2.4.81": "jpegls", "1.2.840.10008.1.2.5": "rle"}
 ITEM, SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
 # the attributes an archive records (no patient identifiers): what the slide is and how it was imaged
 RECORDED = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions", "StudyInstanceUID", "SeriesInstanceUID",
@@ -82,7 +82,7 @@ class DicomInstance:
             self.coding = KEPT.get(syntax) or DECODED[syntax]
         else:
             raise SlideError(f"{name}: DICOM transfer syntax {syntax} ({getattr(ds.file_meta.TransferSyntaxUID, 'name', '')}) "
-                             "is not supported; JPEG, JPEG 2000, JPEG-LS and uncompressed frames are")
+                             "is not supported; JPEG, JPEG 2000, JPEG-LS, RLE and uncompressed frames are")
         file_size = path.stat().st_size
         if any(offset + length > file_size for offset, length in self.frames):
             raise SlideError(f"{name}: truncated file: frame data runs past its end")
@@ -126,6 +126,10 @@ class DicomInstance:
                 pixels = imagecodecs.jpeg_decode(data)
             elif self.coding == "jpeg2000":
                 pixels = imagecodecs.jpeg2k_decode(data)
+            elif self.coding == "rle":  # DICOM RLE Lossless: one segment per sample, planes in turn
+                from pydicom.pixels.decoders.rle import _rle_decode_frame
+                planes = np.frombuffer(_rle_decode_frame(data, rows, cols, 3, 8), np.uint8)
+                pixels = planes.reshape(3, rows, cols).transpose(1, 2, 0)
             else:
                 pixels = imagecodecs.jpegls_decode(data)
             self._cache[index] = np.asarray(pixels).reshape(rows, cols, 3)
@@ -297,7 +301,7 @@ def dicom_info(ds, syntax: str, coding: str) -> SlideInfo:
                 props[f"dicom.Specimen.{key}"] = str(specimen.get(key))
     if mpp:
         props["openslide.mpp-x"], props["openslide.mpp-y"] = str(mpp[0]), str(mpp[1])
-    compression = {"jpeg": "JPEG", "jpeg2000": "JPEG2000", "jpegls": "JPEGLS", "native": "NONE"}[coding]
+    compression = {"jpeg": "JPEG", "jpeg2000": "JPEG2000", "jpegls": "JPEGLS", "rle": "RLE", "native": "NONE"}[coding]
     decoder = {"reader": f"pydicom {pydicom.__version__}", "transfer_syntax": syntax, "compression": compression}
     import imagecodecs
     version = {"jpeg": "jpeg8", "jpeg2000": "jpeg2k", "jpegls": "jpegls"}.get(coding)
