@@ -229,8 +229,7 @@ class OpenSlideSlide(Slide):
 
 
 def check_bif_overlap(name: str, tif) -> None:
-    """tifffile lays a Ventana BIF's tiles side by side; where the scanner's tiles overlap (the XMP's
-    TileJointInfo) that is not the slide OpenSlide stitches: refuse, pointing to the reader that stitches."""
+    """tifffile lays a BIF's tiles side by side: overlapping ones (XMP TileJointInfo) need OpenSlide's stitching."""
     import re
     for page in tif.pages:
         xmp = page.tags.get(700)
