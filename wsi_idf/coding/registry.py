@@ -2,11 +2,11 @@
 
 Weight files live in ``wsi_idf/weights`` and are named ``{name}-{sha256[:8]}.safetensors``;
 the hash is checked when a file is loaded. Loaded models are cached per (file, device).
-The table imports no torch: reading an archive's kept source tiles never loads it.
+The table imports no torch: reading an archive's kept source tiles never loads it. Where the
+network runs, and in what batches, is ``coding.policy``'s to decide.
 """
 from __future__ import annotations
 
-import os
 
 import threading
 from dataclasses import dataclass
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..config import IDFConfig, WaveletConfig
 from ..errors import UnknownModelError, WeightsMismatchError, WsiIdfError
+from .policy import default_device
 
 if TYPE_CHECKING:
     import torch
@@ -76,29 +77,6 @@ _cache: dict[tuple[str, str], CodingModel] = {}
 _lock = threading.Lock()
 
 
-def default_device(device: str | torch.device | None) -> torch.device:
-    """The one place "auto" (or None) becomes a device: CUDA when this machine has it."""
-    import torch
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-DEVICE_ENV = "WSI_IDF_DEVICE"
-
-
-def codec_device() -> torch.device:
-    """Where the zarr codecs run the network: ``WSI_IDF_DEVICE`` (auto, cpu, cuda, cuda:1; default
-    auto: the GPU when there is one). Plain ``zarr.open`` passes no device, so this is how to choose."""
-    value = os.environ.get(DEVICE_ENV, "auto").strip() or "auto"
-    if value == "auto":
-        return default_device(value)
-    try:
-        return require_device(value)
-    except WsiIdfError as exc:
-        raise WsiIdfError(f"{DEVICE_ENV}={value!r}: {exc}") from None
-
-
 def model_sha256(name: str | None) -> str:
     """The sha256 of a registered model's file, without loading the model (e.g. in a job's client)."""
     from ..digests import file_sha256
@@ -106,18 +84,6 @@ def model_sha256(name: str | None) -> str:
     path = weights_file(name)
     check_model_path(path)
     return file_sha256(path)
-
-
-def require_device(device: str | torch.device) -> torch.device:
-    """A device that exists on this machine; a clear error otherwise (before any work starts)."""
-    import torch
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise WsiIdfError(f"unknown device {device!r}: use cpu, cuda or auto") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WsiIdfError(f"device {device!r}: this machine has no CUDA device; use --device cpu (or auto)")
-    return dev
 
 
 def entry(name: str | None) -> ModelEntry:
@@ -193,7 +159,7 @@ def get_model(model: str | Path | CodingModel | None = None, device: str | torch
     if isinstance(model, CodingModel):
         loaded = model
     else:
-        dev = default_device(device)
+        dev = default_device(device)  # ``policy``
         if isinstance(model, Path) or (isinstance(model, str) and model.endswith(".safetensors")):
             path = Path(model)
         else:

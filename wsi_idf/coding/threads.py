@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
+from .policy import usable_cores
 from .runtime import torch
 
 T = TypeVar("T")
@@ -43,12 +44,6 @@ _lock = threading.Lock()
 _in_flight = 0
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, e.g. under taskset or a batch scheduler)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
 
 
 class CoreShare:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from ..coding.policy import usable_cores
 from ..errors import ClusterError
 
 log = logging.getLogger("wsi_idf")
@@ -55,16 +56,11 @@ class Runner:
             bar.close()
 
 
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def default_workers(cores: int | None = None) -> int:
     """Worker processes of an embedded CPU cluster: half the cores (each runs torch on the rest), at most 4."""
-    cores = cores or cpu_count()
+    cores = cores or usable_cores()
     return max(1, min(4, cores // 2) if cores >= 4 else cores)
 
 
@@ -92,7 +88,7 @@ def runner(scheduler: str | None = None, workers: int | None = None, device: str
                                    "workers with e.g. `dask worker ADDRESS --resources GPU=1`")
             yield Runner(client, wanted, 0)  # remote workers keep their own thread settings
         return
-    cores = cpu_count()
+    cores = usable_cores()
     if gpu_here:
         # Several processes share the GPU: the network is fast there, and each process's entropy coder
         # (one CPU core, ~2-4 Mpx/s measured) would otherwise be the bottleneck. Several GPUs: dask-cuda.

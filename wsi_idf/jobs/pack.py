@@ -24,7 +24,8 @@ from ..config import PATCH
 from ..errors import ArchiveError, SlideError, WsiIdfError
 from ..outputs import (PLAN_FILE, check_output, is_unfinished_pack, output_lock, remove_stale_temporaries,
                        write_atomic)
-from ..coding.registry import entry, model_sha256, require_device
+from ..coding.policy import require_device
+from ..coding.registry import entry, model_sha256
 from ..digests import level_checksum
 from ..storage.shards import DEFAULT_SHARD, ShardBox, shard_boxes
 from ..slide import LOSSY_COMPRESSIONS, Slide, open_slide

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import PATCH
-from ..coding.registry import default_device, get_model
+from ..coding.policy import default_device, encode_batch_size
+from ..coding.registry import get_model
 from ..digests import region_digest
 from ..errors import SlideError
 from ..slide import SlideRef, cached_slide
@@ -68,7 +69,7 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
     timings = {"read_s": time.perf_counter() - t0}
     per_side = layout.shard // PATCH
     cells = [(box.row * per_side + int(r), box.col * per_side + int(c)) for r, c in np.argwhere(present)]
-    blobs = encode_patches(patches, model=model, batch_size=64 if device == "cpu" else 256, device=device,
+    blobs = encode_patches(patches, model=model, batch_size=encode_batch_size(device), device=device,
                            timings=timings, positions=[(box.level, r, c) for r, c in cells],
                            archive_id=bytes.fromhex(job.archive_id) if job.archive_id else None)
     t1 = time.perf_counter()

@@ -15,7 +15,8 @@ from ..config import CHANNELS, PATCH
 from ..errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
 from ..coding import patch_format as fmt
 from ..coding.patch_format import RAW_BYTES
-from ..coding.registry import DEFAULT_MODEL, check_model_name, check_weights_id, codec_device, get_model, model_sha256
+from ..coding.policy import codec_device
+from ..coding.registry import DEFAULT_MODEL, check_model_name, check_weights_id, get_model, model_sha256
 
 if TYPE_CHECKING:  # the batch API (torch) is imported when a patch is coded: kept source tiles need none
     from ..coding.model_file import CodingModel

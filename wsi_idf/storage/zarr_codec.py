@@ -7,7 +7,6 @@ point, so plain ``zarr.open`` reads archives without importing wsi_idf.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from dataclasses import dataclass
 from collections.abc import Iterable
@@ -22,7 +21,8 @@ from zarr.core.common import JSON, parse_named_configuration
 from .numcodecs_codec import WsiIdf
 from ..config import CHANNELS, PATCH
 from ..errors import InvalidPatchError
-from ..coding.registry import DEFAULT_MODEL, DEVICE_ENV
+from ..coding.policy import decode_batch_size, decode_slots
+from ..coding.registry import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from typing import Self
@@ -32,17 +32,8 @@ if TYPE_CHECKING:
     from zarr.core.dtype.wrapper import TBaseDType, TBaseScalar, ZDType
 
 CHUNK_SHAPE = (CHANNELS, PATCH, PATCH)
-DECODE_BATCH = 16
-GPU_DECODE_BATCH = 256
 
 
-def decode_batch_size() -> int:
-    """Patches per codec call: 16 on CPU; 256 where a GPU decodes, which wants the largest batch a
-    request allows. Decided without importing torch (kept-tile archives never load it): a GPU
-    decodes when ``WSI_IDF_DEVICE`` names CUDA, or says auto on a machine with an NVIDIA driver."""
-    device = os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"
-    gpu = device.startswith("cuda") or (device == "auto" and os.path.exists("/dev/nvidiactl"))
-    return GPU_DECODE_BATCH if gpu else DECODE_BATCH
 
 
 # zarr hands a codec one chunk at a time unless codec_pipeline.batch_size says otherwise (default 1);
@@ -74,7 +65,7 @@ def _bounded(fn, *args):
     global _in_flight
     with _in_flight_lock:
         if _in_flight is None:
-            _in_flight = threading.BoundedSemaphore(max(1, min(4, len(os.sched_getaffinity(0)))))
+            _in_flight = threading.BoundedSemaphore(decode_slots())
     with _in_flight:
         return fn(*args)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import html
 import io
 import json
-import os
 from pathlib import Path
 
 import anyio
@@ -31,6 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..errors import ArchiveError, CorruptPatchError
+from ..coding.policy import decode_slots as policy_decode_slots
 from .catalog import Entry, load_catalog
 from .deepzoom import FORMATS, ChunkCache, DeepZoom, TileNotFound
 
@@ -46,7 +46,7 @@ class Server:
         self.catalog: dict[str, Entry] = load_catalog(self.root)
         self.cache = ChunkCache()
         self.views: dict[str, DeepZoom] = {}
-        self.slots = anyio.CapacityLimiter(decode_slots or max(1, min(4, os.cpu_count() or 1)))
+        self.slots = anyio.CapacityLimiter(decode_slots or policy_decode_slots())
 
     def entry(self, name: str) -> Entry:
         entry = self.catalog.get(name)
