@@ -29,3 +29,12 @@ def test_an_unknown_or_absent_device_is_one_clear_error(monkeypatch):
     monkeypatch.setenv(policy.DEVICE_ENV, "nonsense")
     with pytest.raises(WsiIdfError, match="WSI_IDF_DEVICE='nonsense'"):
         policy.codec_device()
+
+
+def test_source_lossy_has_one_definition():
+    """pack's summary and info both take ``archive.layout.source_lossy`` (they used to disagree)."""
+    from wsi_idf.archive.layout import source_lossy
+    jpeg = {"source": {"decoder": {"compression": "JPEG"}, "backend": "tifffile"}, "slide": {"vendor": "aperio"}}
+    zlib = {"source": {"decoder": {"compression": "ADOBE_DEFLATE"}, "backend": "tifffile"}, "slide": {"vendor": "tiff"}}
+    mrxs = {"source": {"decoder": {}, "backend": "openslide"}, "slide": {"vendor": "mirax"}}
+    assert [source_lossy(m) for m in (jpeg, zlib, mrxs)] == [True, False, True]

@@ -24,7 +24,7 @@ import numpy as np
 from ..config import CHANNELS, PATCH
 from ..errors import ArchiveError, DamagedArchiveError
 from ..outputs import is_unfinished_pack
-from .reader import CheckedLevel, check_small_array, read_json, read_small_array  # noqa: F401 - re-exported
+from .reader import CheckedLevel, read_json, read_small_array
 from ..storage.zarr_formats import FORMATS, detect
 
 # 3: wsi-idf 0.5: restore data, kept NDPI intervals and DICOM frames (older wsi-idf refuses it by
@@ -197,6 +197,18 @@ def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
     restore = meta.get("restore")
     if restore is not None and not isinstance(_dict(path, "restore", restore).get("restorable"), bool):
         raise _damaged(path, "restore restorable", "must be true or false")
+
+
+LOSSY_VENDORS = frozenset({"aperio", "hamamatsu", "mirax", "leica", "philips", "ventana"})  # via OpenSlide
+
+
+def source_lossy(meta: dict) -> bool:
+    """Whether the source was stored lossily (its pixels are a lossy file's decode), from the archive
+    metadata alone: the one definition that pack, info and the catalog share."""
+    from ..slide import LOSSY_COMPRESSIONS
+    source = meta["source"]
+    return (source["decoder"].get("compression", "") in LOSSY_COMPRESSIONS
+            or source.get("backend") == "openslide" and meta["slide"].get("vendor") in LOSSY_VENDORS)
 
 
 def tree_size(path: Path) -> int:

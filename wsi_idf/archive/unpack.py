@@ -116,9 +116,8 @@ def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, 
 
 def archive_info(path: str | Path) -> dict:
     """What an archive holds: source and provenance, levels, model, sizes, physical pixel size."""
-    from .layout import archive_sizes
+    from .layout import archive_sizes, source_lossy
     from .restore import restore_info
-    from ..slide import LOSSY_COMPRESSIONS
     archive = open_archive(path)
     meta = archive.metadata
     sizes = archive_sizes(archive.path, meta)
@@ -137,5 +136,5 @@ def archive_info(path: str | Path) -> dict:
             "vendor": slide["vendor"], "icc_profile": bool(slide.get("icc_profile")),
             "associated": meta["associated"], "label_dropped": meta["label_dropped"],
             "properties": len(slide["properties"]), **{k: v for k, v in sizes.items() if k != "source_bytes"},
-            "source_lossy": meta["source"]["decoder"].get("compression", "") in LOSSY_COMPRESSIONS,
+            "source_lossy": source_lossy(meta),
             "restore": restore_info(meta)}

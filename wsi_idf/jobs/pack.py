@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 from .._version import __version__
-from ..archive.layout import ARCHIVE_FORMAT, PREVIEW_MAX, archive_sizes, ome_multiscale
+from ..archive.layout import ARCHIVE_FORMAT, PREVIEW_MAX, archive_sizes, ome_multiscale, source_lossy
 from ..storage.zarr_formats import FORMATS
 from .cluster import Runner, runner
 from ..config import PATCH
@@ -28,7 +28,7 @@ from ..coding.policy import require_device
 from ..coding.registry import entry, model_sha256
 from ..digests import level_checksum
 from ..storage.shards import DEFAULT_SHARD, ShardBox, shard_boxes
-from ..slide import LOSSY_COMPRESSIONS, Slide, open_slide
+from ..slide import Slide, open_slide
 from .shard_tasks import RECORDS_DIR, LevelLayout, ShardJob, encode_shard, record_path
 from .side_arrays import PREVIEW_MAX_SOURCE, create_levels, drop_costly_preview, write_associated, write_preview
 from .source_files import check_unchanged, restore_obstacle, source_sha256, source_stat, write_restore_data
@@ -266,13 +266,11 @@ def finish(root: Path, out: Path) -> None:
 
 
 def summarize(out: Path, meta: dict, slide: Slide, seconds: float, resumed: bool) -> dict:
-    compression = meta["source"]["decoder"].get("compression", "")
     return {"archive": str(out), "source": meta["source"]["name"], "model": meta["model"]["name"],
             "levels": len(meta["levels"]), "skipped_levels": len(meta["skipped_levels"]),
             **archive_sizes(out, meta), "seconds": round(seconds, 2),
             "storage": [{"storage": lv.get("storage", "idf"), "source_codec": lv.get("source_codec")}
                         for lv in meta["levels"]],
-            "source_lossy": compression in LOSSY_COMPRESSIONS or slide.backend == "openslide" and
-            slide.info.vendor in {"aperio", "hamamatsu", "mirax", "leica", "philips", "ventana"},
+            "source_lossy": source_lossy(meta),
             "resumed": resumed, "backend": meta["source"]["backend"], "restorable": bool(meta["restore"].get("restorable")),
             "restore_bytes": meta["restore"].get("stored_bytes", 0), "not_restorable_why": meta["restore"].get("why")}
