@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml wsi_idf/coding/_rans.c
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-demo: $(STAMP)  ## pack a real slide, verify every pixel against it, read a region back
+demo: $(STAMP)  ## pack a real slide, verify every pixel against it, restore the file byte for byte, read a region back
 	$(WSI) demo
 	$(WSI) pack $(SLIDE) -o demo/slide.zarr --overwrite
 	$(WSI) verify demo/slide.zarr --source $(SLIDE)
 	$(WSI) info demo/slide.zarr
+	$(WSI) restore demo/slide.zarr -o demo/restored$(suffix $(SLIDE)) --overwrite
+	cmp demo/restored$(suffix $(SLIDE)) $(SLIDE) && echo "restored file identical to the source"
 	$(WSI) pack $(SLIDE) -o demo/slide-idf.zarr --codec idf --overwrite
 	$(WSI) verify demo/slide-idf.zarr --source $(SLIDE)
 	$(WSI) region demo/slide.zarr --level 0 --x 1000 --y 1200 --width 512 --height 512 -o demo/region.png --overwrite
