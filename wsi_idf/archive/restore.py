@@ -57,14 +57,13 @@ def write_restore(root: Path, files: list[Path], offsets: dict[str, tuple[np.nda
     entries, skeleton_bytes, count = [], 0, 0
     for k, path in enumerate(files):
         arrays = sorted(a for a in pieces if file_of[a] == k)
-        entry, table, skeleton = file_entry(path, arrays, offsets, pieces)
-        entry.update(sha256=file_sha256(path), skeleton_sha256=hashlib.sha256(skeleton).hexdigest(),
+        entry, table = file_entry(path, arrays, offsets, pieces)
+        skeleton_sha256, length = write_skeleton(folder / str(k) / "skeleton", path, table, fmt)
+        entry.update(sha256=file_sha256(path), skeleton_sha256=skeleton_sha256,
                      segments_sha256=hashlib.sha256(table.tobytes()).hexdigest())
         entries.append(entry)
-        for part, data, chunks in (("skeleton", np.frombuffer(skeleton, np.uint8), (SKELETON_CHUNK,)),
-                                   ("segments", table, (1 << 16, len(COLUMNS)))):
-            _write_array(folder / str(k) / part, data, chunks, fmt)
-        skeleton_bytes, count = skeleton_bytes + len(skeleton), count + len(table)
+        _write_array(folder / str(k) / "segments", table, (1 << 16, len(COLUMNS)), fmt)
+        skeleton_bytes, count = skeleton_bytes + length, count + len(table)
     fmt.write_group(folder, {"wsi_idf_restore": {"format_version": RESTORE_FORMAT, "name": name, "sha256": sha256,
                                                  "folder": len(files) > 1 or files[0].name != name,
                                                  "columns": list(COLUMNS), "files": entries}})
@@ -72,8 +71,8 @@ def write_restore(root: Path, files: list[Path], offsets: dict[str, tuple[np.nda
             "stored_bytes": directory_bytes(folder)}
 
 
-def file_entry(path: Path, arrays: list[str], offsets: dict, pieces: dict) -> tuple[dict, np.ndarray, bytes]:
-    """One source file's restore entry, its segment table (file order) and its skeleton."""
+def file_entry(path: Path, arrays: list[str], offsets: dict, pieces: dict) -> tuple[dict, np.ndarray]:
+    """One source file's restore entry and its segment table (file order)."""
     affixes: dict[str, int] = {"": 0}
     rows, recipes = [], {}
     for a, array in enumerate(arrays):
@@ -88,19 +87,48 @@ def file_entry(path: Path, arrays: list[str], offsets: dict, pieces: dict) -> tu
     ends = table[:, 0] + table[:, 1]
     if len(table) and (np.any(table[1:, 0] < ends[:-1]) or int(ends.max()) > size or np.any(table[:, 1] <= 0)):
         raise ArchiveError(f"{path.name}: its kept segments overlap or leave the file: it cannot be restored")
-    skeleton = bytearray()
+    entry = {"name": path.name, "size": size, "arrays": arrays, "affixes": list(affixes), "regenerated": recipes}
+    return entry, table
+
+
+def write_skeleton(target: Path, path: Path, table: np.ndarray, fmt) -> tuple[str, int]:
+    """The file's bytes outside its kept segments, streamed into a zstd array a chunk at a time (a
+    lossless slide packed ``--restorable`` can be gigabytes); their sha256 and length."""
+    import zarr
+    length = path.stat().st_size - int(table[:, 1].sum())
+    kwargs = fmt.standard_array_kwargs((length,), ("i",))
+    kwargs.update(chunks=(min(SKELETON_CHUNK, max(1, length)),))
+    if fmt.version == 3:
+        kwargs["dimension_names"] = None
+    arr = zarr.create_array(store=str(target), **kwargs)
+    digest, buffer, written = hashlib.sha256(), bytearray(), 0
+
+    def flush(final: bool) -> None:
+        nonlocal written
+        while len(buffer) >= SKELETON_CHUNK or final and buffer:
+            block = bytes(buffer[:SKELETON_CHUNK])
+            arr[written:written + len(block)] = np.frombuffer(block, np.uint8)
+            digest.update(block)
+            written += len(block)
+            del buffer[:len(block)]
+
     with open(path, "rb") as f:
         at = 0
-        for offset, length in table[:, :2].tolist():
+        for offset, size in [*table[:, :2].tolist(), (path.stat().st_size, 0)]:
             f.seek(at)
-            skeleton += f.read(offset - at)
-            at = offset + length
-        f.seek(at)
-        skeleton += f.read()
-    if len(skeleton) != size - int(table[:, 1].sum()):
+            remaining = offset - at
+            while remaining:
+                block = f.read(min(remaining, COPY_BLOCK))
+                if not block:
+                    raise ArchiveError(f"{path.name}: changed while it was packed: the restore data cannot be made")
+                buffer += block
+                remaining -= len(block)
+                flush(False)
+            at = offset + size
+    flush(True)
+    if written != length:
         raise ArchiveError(f"{path.name}: changed while it was packed: the restore data cannot be made")
-    entry = {"name": path.name, "size": size, "arrays": arrays, "affixes": list(affixes), "regenerated": recipes}
-    return entry, table, bytes(skeleton)
+    return digest.hexdigest(), length
 
 
 def _write_array(path: Path, data: np.ndarray, chunks: tuple[int, ...], fmt) -> None:
@@ -227,12 +255,15 @@ def check_restore_data(archive) -> list[str]:
     problems = []
     for k, entry in enumerate(attrs["files"]):
         try:
-            skeleton = np.asarray(zarr.open_array(str(folder / str(k) / "skeleton"), mode="r")[...], dtype=np.uint8)
+            skeleton = zarr.open_array(str(folder / str(k) / "skeleton"), mode="r")
+            digest = hashlib.sha256()
+            for start in range(0, skeleton.shape[0], SKELETON_CHUNK):  # a chunk at a time: it can be large
+                digest.update(np.asarray(skeleton[start:start + SKELETON_CHUNK], dtype=np.uint8).tobytes())
             table = np.asarray(zarr.open_array(str(folder / str(k) / "segments"), mode="r")[...], dtype=np.int64)
         except Exception as exc:  # noqa: BLE001 - zarr raises several types for missing or damaged arrays
             problems.append(f"restore data of {entry['name']}: unreadable ({type(exc).__name__}: {str(exc)[:80]})")
             continue
-        if hashlib.sha256(skeleton.tobytes()).hexdigest() != entry.get("skeleton_sha256") \
+        if digest.hexdigest() != entry.get("skeleton_sha256") \
                 or hashlib.sha256(table.tobytes()).hexdigest() != entry.get("segments_sha256"):
             problems.append(f"restore data of {entry['name']}: does not match its sha256 (damaged)")
     return problems
