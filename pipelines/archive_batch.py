@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -46,10 +47,15 @@ EARLIER_FIELDS = [f for f in FIELDS_04 if f != "level_storage"]  # manifests of 
 
 
 def find_slides(source: Path, recursive: bool = False) -> list[Path]:
-    """Slide files in a folder (by suffix), or the ``path`` column of a CSV (relative to the CSV)."""
+    """Slide files in a folder (by suffix), or the ``path`` column of a CSV (relative to the CSV). A
+    folder holding DICOM files is one slide (a series: its instances are the levels), not one per file."""
     if source.is_dir():
         pattern = "**/*" if recursive else "*"
-        return sorted(p for p in source.glob(pattern) if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+        found = sorted(p for p in source.glob(pattern) if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+        folders = {p.parent for p in found if p.suffix.lower() == ".dcm"} if recursive else \
+            {source, *(d for d in source.iterdir() if d.is_dir())}
+        series = {folder for folder in folders if one_series(folder)}
+        return sorted({p for p in found if p.parent not in series} | series)
     if source.suffix.lower() == ".csv":
         with open(source, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -58,6 +64,21 @@ def find_slides(source: Path, recursive: bool = False) -> list[Path]:
         return [(source.parent / row["path"]).resolve() if not Path(row["path"]).is_absolute() else Path(row["path"])
                 for row in rows if row["path"].strip()]
     raise WsiIdfError(f"{source}: give a folder of slides or a CSV with a 'path' column")
+
+
+def one_series(folder: Path) -> bool:
+    """Whether a folder's DICOM files are the instances of one series (two or more): then the folder
+    is one slide, as ``wsi-idf pack FOLDER`` reads it; else each file is a slide of its own."""
+    import pydicom
+    uids = set()
+    files = sorted(folder.glob("*.dcm"))
+    for path in files:
+        try:
+            uids.add(str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+                         .get("SeriesInstanceUID", "")))
+        except Exception:  # noqa: BLE001 - not DICOM, or damaged: the file is its own (failing) slide
+            return False
+    return len(files) > 1 and len(uids) == 1
 
 
 def archive_names(slides: Sequence[Path]) -> dict[Path, str]:
@@ -73,7 +94,8 @@ def finished_row(slide: Path, out: Path, earlier: dict | None) -> dict:
     attrs, _ = read_attributes(out)
     meta = attrs["wsi_idf"]
     source = meta["source"]
-    if source["name"] != slide.name or source["size"] != slide.stat().st_size:
+    size = sum(f.stat().st_size for f in slide.iterdir() if f.is_file()) if slide.is_dir() else slide.stat().st_size
+    if source["name"] != slide.name or source["size"] != size:
         raise WsiIdfError(f"{out} holds another source ({source['name']}, {source['size']} bytes); "
                           "move it away or delete it")
     return {"slide": str(slide), "archive": str(out), "status": "done", **archive_sizes(out, meta),
@@ -96,8 +118,8 @@ def verify_row(slide: Path, out: Path, scheduler: str | None) -> str:
     restored = out.with_name(f".{out.name}.verify-{uuid.uuid4().hex[:12]}{slide.suffix}")
     try:
         restore_file(out, restored)  # raises unless the bytes have the source's sha256
-    finally:
-        restored.unlink(missing_ok=True)  # written by this job just now
+    finally:  # written by this job just now: a file, or a folder for a DICOM series
+        shutil.rmtree(restored) if restored.is_dir() and not restored.is_symlink() else restored.unlink(missing_ok=True)
     return "restored"
 
 

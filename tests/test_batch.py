@@ -195,3 +195,22 @@ def test_batch_verify_records_sha256_restorable_and_a_checked_restore(cluster, t
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the temporary restore is gone
     header = (out / "manifest.csv").read_text().splitlines()[0]
     assert header.endswith("source_sha256,restorable,verified,seconds,error")
+
+
+def test_a_dicom_series_folder_is_one_slide_of_the_batch(tmp_path, cluster, capsys):
+    """A folder holding one DICOM series is one slide (restored as a folder); DICOM files of several
+    series side by side stay one slide each."""
+    import shutil
+    from pipelines.archive_batch import find_slides
+    from slides import SLIDES
+    lab = tmp_path / "lab"
+    shutil.copytree(SLIDES / "dicom" / "boxes", lab / "case-7")
+    shutil.copyfile(SLIDES / "dicom" / "camelyon-multiframe.dcm", lab / "camelyon.dcm")
+    shutil.copyfile(SLIDES / "dicom" / "sm_image.dcm", lab / "sm.dcm")
+    assert find_slides(lab) == [lab / "camelyon.dcm", lab / "case-7", lab / "sm.dcm"]
+    assert find_slides(lab, recursive=True) == [lab / "camelyon.dcm", lab / "case-7", lab / "sm.dcm"]
+    out = tmp_path / "archive"
+    assert batch_main([str(lab), "-o", str(out), "--scheduler", cluster["address"], "-q", "--verify"]) == 0
+    rows = {Path(r["slide"]).name: r for r in json.loads((out / "manifest.json").read_text())}
+    assert rows["case-7"]["verified"] == "restored" and rows["camelyon.dcm"]["verified"] == "restored"
+    assert batch_main([str(lab), "-o", str(out), "--scheduler", cluster["address"], "-q"]) == 0  # finished: skipped
