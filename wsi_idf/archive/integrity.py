@@ -69,7 +69,3 @@ def check_chunk(archive_id: str | None, path: str, coords: tuple[int, ...], pixe
     if expected is not None and chunk_checksum(archive_id, path, coords, pixels) != expected:
         raise ArchiveError(f"{where}: chunk {coords} does not match its checksum (damaged, moved, or from another "
                            "archive): the archive is damaged")
-
-
-def bytes_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -47,11 +47,13 @@ class RestoreMismatchError(ArchiveError):
 
 
 def write_restore(root: Path, files: list[Path], offsets: dict[str, tuple[np.ndarray, np.ndarray]],
-                  pieces: dict[str, list], file_of: dict[str, int], name: str, sha256: str, zarr_format: int) -> dict:
-    """Write ``restore/`` for the source ``files``: ``pieces`` per array path (``pack.piece_record``
-    lists), the file each array's segments live in (``file_of``) and their ``offsets`` (offsets,
-    byte counts) there. Returns the summary recorded in the root metadata."""
-    from ..digests import file_sha256
+                  pieces: dict[str, list], file_of: dict[str, int], name: str, digests: list[str],
+                  zarr_format: int) -> dict:
+    """Write ``restore/`` for the source ``files`` (whose sha256s, ``digests``, pack computed as it
+    read them): ``pieces`` per array path (``pack.piece_record`` lists), the file each array's
+    segments live in (``file_of``) and their ``offsets`` (offsets, byte counts) there. Returns the
+    summary recorded in the root metadata."""
+    from .layout import tree_size
     fmt = FORMATS[zarr_format]
     folder = root / RESTORE_GROUP
     entries, skeleton_bytes, count = [], 0, 0
@@ -59,16 +61,17 @@ def write_restore(root: Path, files: list[Path], offsets: dict[str, tuple[np.nda
         arrays = sorted(a for a in pieces if file_of[a] == k)
         entry, table = file_entry(path, arrays, offsets, pieces)
         skeleton_sha256, length = write_skeleton(folder / str(k) / "skeleton", path, table, fmt)
-        entry.update(sha256=file_sha256(path), skeleton_sha256=skeleton_sha256,
+        entry.update(sha256=digests[k], skeleton_sha256=skeleton_sha256,
                      segments_sha256=hashlib.sha256(table.tobytes()).hexdigest())
         entries.append(entry)
         _write_array(folder / str(k) / "segments", table, (1 << 16, len(COLUMNS)), fmt)
         skeleton_bytes, count = skeleton_bytes + length, count + len(table)
+    sha256 = digests[0] if len(files) == 1 and files[0].name == name else combined_digest(digests, files)
     fmt.write_group(folder, {"wsi_idf_restore": {"format_version": RESTORE_FORMAT, "name": name, "sha256": sha256,
                                                  "folder": len(files) > 1 or files[0].name != name,
                                                  "columns": list(COLUMNS), "files": entries}})
     return {"restorable": True, "skeleton_bytes": skeleton_bytes, "segments": count,
-            "stored_bytes": directory_bytes(folder)}
+            "stored_bytes": tree_size(folder)}
 
 
 def file_entry(path: Path, arrays: list[str], offsets: dict, pieces: dict) -> tuple[dict, np.ndarray]:
@@ -140,10 +143,6 @@ def _write_array(path: Path, data: np.ndarray, chunks: tuple[int, ...], fmt) -> 
     arr = zarr.create_array(store=str(path), **kwargs)
     if data.size:
         arr[...] = data
-
-
-def directory_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def restore_info(meta: dict) -> dict:
@@ -272,7 +271,12 @@ def check_restore_data(archive) -> list[str]:
 def folder_digest(files: list[Path]) -> str:
     """A multi-file source's sha256: over ``sha256  name`` lines (sha256sum's format), sorted by name."""
     from ..digests import file_sha256
-    lines = sorted(f"{file_sha256(p)}  {p.name}\n" for p in files)
+    return combined_digest([file_sha256(p) for p in files], files)
+
+
+def combined_digest(digests: list[str], files: list[Path]) -> str:
+    """``folder_digest`` from the files' sha256s already computed."""
+    lines = sorted(f"{digest}  {p.name}\n" for digest, p in zip(digests, files, strict=True))
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
@@ -358,16 +362,22 @@ class ChunkStreams:
         return self.cache[key]
 
     def _read(self, array: int, row: int, col: int) -> bytes:
-        from ..storage.source_tiles import chunk_stream, decode_chunk
+        from ..errors import CorruptPatchError
+        from ..storage.source_tiles import decode_chunk
         name = self.arrays[array]
         if name.isdigit():
             reader = self.archive.reader(int(name))
             if reader.storage != "source":
                 raise DamagedArchiveError(f"{self.archive.path}: restore data names level {name}, which keeps no tiles")
             blobs, _ = reader.chunks(range(row, row + 1), range(col, col + 1))
-            blob = blobs[(row, col)]
-            reader.decode([blob], [(row, col)])  # its pixels and position checked: a damaged tile names itself
-            return chunk_stream(blob)
+            streams: list[bytes] = []
+            try:  # its pixels, position and archive checked, the stream kept: a damaged tile names itself
+                decode_chunk(blobs[(row, col)], (3, reader.chunk, reader.chunk), (reader.level, row, col),
+                             check_position=reader.bound, archive_id=reader.archive_id, streams=streams)
+            except CorruptPatchError as exc:
+                raise DamagedArchiveError(f"{self.archive.path}: level {name} tile x={col * reader.chunk}, "
+                                          f"y={row * reader.chunk} is damaged: {exc}") from None
+            return streams[0]
         if not name.startswith("associated/") or name.split("/", 1)[1] not in self.archive.metadata["associated"]:
             raise DamagedArchiveError(f"{self.archive.path}: restore data names an unknown array {name[:40]!r}")
         from .reader import check_small_array
@@ -378,9 +388,9 @@ class ChunkStreams:
             blob = path.read_bytes()
         except OSError:
             raise DamagedArchiveError(f"{path}: chunk missing: the archive is damaged") from None
-        from ..errors import CorruptPatchError
+        streams = []
         try:
-            pixels = decode_chunk(blob, chunks)
+            pixels = decode_chunk(blob, chunks, streams=streams)
         except CorruptPatchError as exc:
             raise DamagedArchiveError(f"{path}: {exc}") from None
         recipe = self.recipes.get(name)
@@ -391,7 +401,7 @@ class ChunkStreams:
                     or not 0 < recipe["rowsperstrip"] <= shape[0]:
                 raise DamagedArchiveError(f"{self.archive.path}: restore recipe of {name} is damaged")
             return b"".join(encode_strips(pixels, recipe))
-        return chunk_stream(blob)
+        return streams[0]
 
 
 def _progress(total: int, show: bool):

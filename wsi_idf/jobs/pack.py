@@ -31,7 +31,7 @@ from ..storage.shards import DEFAULT_SHARD, ShardBox, shard_boxes
 from ..slide import Slide, open_slide
 from .shard_tasks import RECORDS_DIR, LevelLayout, ShardJob, encode_shard, record_path
 from .side_arrays import PREVIEW_MAX_SOURCE, create_levels, drop_costly_preview, write_associated, write_preview
-from .source_files import check_unchanged, restore_obstacle, source_sha256, source_stat, write_restore_data
+from .source_files import check_unchanged, restore_obstacle, source_digests, source_stat, write_restore_data
 
 log = logging.getLogger("wsi_idf")
 
@@ -155,7 +155,7 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
             root, resumed = prepare_output(out, plan, overwrite, resume, source)
             try:
                 with ThreadPoolExecutor(1) as hasher:
-                    source_hash = hasher.submit(source_sha256, slide)
+                    source_hash = hasher.submit(source_digests, slide)
                     if not resumed or not (root / "0").exists():
                         create_levels(root, slide, model_entry.name, weights, layouts, zarr_format, plan["archive_id"])
                     with runner(scheduler, workers, device, resources) as run:
@@ -172,8 +172,8 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
                         preview_levels = drop_costly_preview(root, records, preview_levels)
                     checksums = {k: v for k, v in checksums.items() if not k.startswith("preview/")
                                  or int(k.split("/")[1]) < preview_levels}
-                    sha256 = source_hash.result()
-                    restore = write_restore_data(root, slide, source, layouts, records, pieces, sha256,
+                    sha256, digests = source_hash.result()
+                    restore = write_restore_data(root, slide, source, layouts, records, pieces, digests,
                                                  zarr_format, not_restorable, restorable)
                     check_unchanged(slide, plan["source"])
             except SlideError:

@@ -17,10 +17,12 @@ def source_stat(files: list[Path]) -> dict:
     return {"size": sum(s.st_size for s in stats), "mtime_ns": max(s.st_mtime_ns for s in stats)}
 
 
-def source_sha256(slide: Slide) -> str:
-    """A one-file source's sha256, or a folder's (``restore.folder_digest``)."""
-    from ..archive.restore import folder_digest
-    return file_sha256(slide.files[0]) if slide.files == [slide.path] else folder_digest(slide.files)
+def source_digests(slide: Slide) -> tuple[str, list[str]]:
+    """The source's sha256 (a one-file source's own, or a folder's, ``restore.combined_digest``) and
+    each file's: every file is read once, and the restore data reuses them."""
+    from ..archive.restore import combined_digest
+    digests = [file_sha256(f) for f in slide.files]
+    return (digests[0] if slide.files == [slide.path] else combined_digest(digests, slide.files)), digests
 
 
 def check_unchanged(slide: Slide, recorded: dict) -> None:
@@ -49,7 +51,7 @@ def restore_obstacle(slide: Slide, layouts: list[LevelLayout], drop_label: bool)
 
 
 def write_restore_data(root: Path, slide: Slide, source: Path, layouts: list[LevelLayout], records: dict[str, dict],
-                       pieces: dict[str, list], sha256: str, zarr_format: int, obstacle: str | None,
+                       pieces: dict[str, list], digests: list[str], zarr_format: int, obstacle: str | None,
                        restorable: bool) -> dict:
     """``restore/`` (``archive.restore``) when the archive can give its source back, else why not."""
     from ..archive.restore import write_restore
@@ -63,4 +65,4 @@ def write_restore_data(root: Path, slide: Slide, source: Path, layouts: list[Lev
     keys = {name: int(name) if name.isdigit() else name.split("/", 1)[1] for name in pieces}
     offsets = {name: slide.segment_offsets(key) for name, key in keys.items()}
     file_of = {name: slide.segment_file(key) for name, key in keys.items()}
-    return write_restore(root, slide.files, offsets, pieces, file_of, source.name, sha256, zarr_format)
+    return write_restore(root, slide.files, offsets, pieces, file_of, source.name, digests, zarr_format)

@@ -289,16 +289,6 @@ def chunk_codec(blob: bytes) -> str | None:
     return {Kind.JPEG2000: "jpeg2000", Kind.PIXELS_JPEGXL: None}.get(payload[0], "jpeg")
 
 
-def chunk_stream(blob: bytes) -> bytes:
-    """The stream a kept chunk stores (a JPEG rebuilt from its JPEG XL), which ``Piece``s index;
-    the chunk must decode and match its checksum first (``decode_chunk``)."""
-    import imagecodecs
-    _, payload = fmt.unpack(blob)
-    kind = payload[0]
-    data = bytes(payload[SOURCE_HEADER.size:])
-    return imagecodecs.jpegxl_decode_jpeg(data) if kind in (Kind.JPEG_AS_JPEGXL, Kind.INTERVALS_AS_JPEGXL) else data
-
-
 def encode_pixels(pixels: np.ndarray, layout: Layout, position: fmt.Position | None = None) -> bytes:
     """A chunk of (h, w, 3) pixels in lossless JPEG XL (an associated image without a lossy source)."""
     import imagecodecs
@@ -309,11 +299,14 @@ def encode_pixels(pixels: np.ndarray, layout: Layout, position: fmt.Position | N
 
 
 def decode_chunk(blob: bytes, shape: tuple[int, ...], position: fmt.Position | None = None,
-                 check_position: bool = False, archive_id: bytes | None = None) -> np.ndarray:
+                 check_position: bool = False, archive_id: bytes | None = None,
+                 streams: list | None = None) -> np.ndarray:
     """The pixels of a ``SOURCE`` chunk in the array's chunk ``shape`` ((3, h, w) or (h, w, 3)).
 
     Sizes are read from the stream headers and must fit the chunk before anything is decoded;
     the result must match the chunk's CRC32C. Edge chunks of the source are full tiles, as in TIFF.
+    ``streams``, when given, receives the stream decoded (a JPEG rebuilt from its JPEG XL, which ``Piece``s index), so a
+    restore does not rebuild it a second time.
     """
     import imagecodecs
     header, payload = fmt.unpack(blob)
@@ -361,4 +354,6 @@ def decode_chunk(blob: bytes, shape: tuple[int, ...], position: fmt.Position | N
     if fmt.header_checksum(header, out, archive_id) != header.crc32c:
         raise CorruptPatchError("source chunk's pixel checksum (CRC32C) does not match: it is damaged "
                                 "(or belongs to another archive)")
+    if streams is not None:
+        streams.append(data)
     return out

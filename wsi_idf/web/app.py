@@ -10,7 +10,7 @@ Routes (the Deep Zoom convention of OpenSeadragon and OpenSlide's deepzoom serve
     GET /slides/{name}/thumbnail.png             the catalog's thumbnail
     GET /api/slides, /api/slides/{name}          the catalog and one archive's metadata, as JSON
 
-Tiles decode in worker threads, at most one per core at a time (``DECODE_SLOTS``), through the
+Tiles decode in worker threads, at most one per core at a time (``coding.policy.decode_slots``), through the
 checked reader: a damaged chunk answers its tile with HTTP 500 (the viewer marks the tile), never
 with other pixels; anything beyond the slide is 404.
 """
@@ -127,21 +127,21 @@ def build_app(root: str | Path, show_label: bool = False) -> Starlette:
         name, image = request.path_params["name"], request.path_params["image"]
         if image not in ASSOCIATED or (image == "label" and not server.show_label):
             return not_found()
-        try:
-            view = await server.run(server.view, name)
-            if image not in view.archive.metadata["associated"]:
-                return not_found()
-            data = await server.run(_png, view.archive.associated, image)
-        except TileNotFound:
-            return not_found()
-        except (CorruptPatchError, ArchiveError) as exc:
-            return damaged(exc)
-        return Response(data, media_type="image/png")
+
+        def read() -> bytes:
+            archive = server.view(name).archive
+            if image not in archive.metadata["associated"]:
+                raise TileNotFound(f"{name} has no {image} image")
+            return _png(archive.associated, image)
+        return await png_response(read)
 
     async def thumbnail(request: Request) -> Response:
+        return await png_response(lambda: _thumbnail(server.view(request.path_params["name"])))
+
+    async def png_response(read, *args) -> Response:
+        """A PNG made in a worker thread: 404 for what is not there, HTTP 500 for what is damaged."""
         try:
-            view = await server.run(server.view, request.path_params["name"])
-            data = await server.run(_thumbnail, view)
+            data = await server.run(read, *args)
         except TileNotFound:
             return not_found()
         except (CorruptPatchError, ArchiveError) as exc:

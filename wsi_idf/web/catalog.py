@@ -89,27 +89,24 @@ def manifest_rows(path: Path) -> dict[str, dict]:
 
 def summarize(name: str, path: Path) -> Entry:
     """A catalog entry: what an archive holds, its sizes, how it is stored, the last verify result."""
-    from ..archive.layout import open_archive
     from ..archive.unpack import archive_info
     try:
-        archive = open_archive(path)
-        info = archive_info(path)
+        info = archive_info(path)  # opens and checks the archive once
     except ArchiveError as exc:
         return Entry(name, path, error=str(exc))
-    meta = archive.metadata
     row = manifest_rows(path).get(str(path.resolve()), {})
     level0 = info["levels"][0]
     storage = sorted({lv["storage"] + (f" ({lv['source_codec']})" if lv.get("source_codec") else "")
                       for lv in info["levels"]})
     summary = {"name": name, "width": level0["width"], "height": level0["height"], "levels": len(info["levels"]),
                "mpp": info["mpp"], "objective_power": info["objective_power"], "vendor": info["vendor"],
-               "source": meta["source"]["name"], "source_format": meta["source"]["decoder"].get("compression"),
-               "backend": meta["source"].get("backend"), "archive_bytes": info["archive_bytes"],
-               "source_bytes": meta["source"]["size"], "ratio_to_source": info["ratio_to_source"],
+               "source": info["source"]["name"], "source_format": info["source"]["decoder"].get("compression"),
+               "backend": info["source"].get("backend"), "archive_bytes": info["archive_bytes"],
+               "source_bytes": info["source"]["size"], "ratio_to_source": info["ratio_to_source"],
                "ratio_to_raw": info["ratio_to_raw"], "storage": ", ".join(storage),
                "restorable": bool(info["restore"].get("restorable")),
                "verified": row.get("verified") or (row.get("status") if row else None),
-               "associated": meta["associated"], "model": meta["model"]["name"]}
+               "associated": info["associated"], "model": info["model"]["name"]}
     return Entry(name, path, summary)
 
 
