@@ -29,8 +29,10 @@ def test_get_codec_gives_default_model_and_config_roundtrips():
     codec = numcodecs.get_codec({"id": "wsi_idf"})
     assert isinstance(codec, WsiIdf) and codec.model == DEFAULT_MODEL
     config = codec.get_config()
+    embedded = config.pop("embedded")  # a new codec carries its model's tensors
     assert config == {"id": "wsi_idf", "model": DEFAULT_MODEL, "weights": get_model().sha256}
-    assert numcodecs.get_codec(config) == codec
+    assert embedded["format"] == "safetensors+xz+base64" and 200_000 < len(embedded["data"]) < 600_000
+    assert numcodecs.get_codec({**config, "embedded": embedded}) == codec
     v3 = WsiIdfCodec.from_dict(WsiIdfCodec().to_dict())
     assert v3 == WsiIdfCodec() and v3.to_dict()["configuration"]["weights"] == get_model().sha256
 
@@ -189,8 +191,8 @@ def test_zarr_batch_follows_the_decoding_device_without_torch(device, batch):
 def test_codecs_pickle_as_configuration():
     import pickle
     for codec in (WsiIdf(), WsiIdfCodec()):
-        data = pickle.dumps(codec)
-        assert len(data) < 1000 and pickle.loads(data) == codec
+        data = pickle.dumps(codec)  # the configuration, embedded tensors included
+        assert len(data) < 1000 + len(codec.embedded["data"]) and pickle.loads(data) == codec
 
 
 def test_zarr_batches_chunks_through_the_codec(tmp_path, val_patches):

@@ -30,8 +30,10 @@ from ..storage.zarr_formats import FORMATS, detect
 # 3: wsi-idf 0.5: restore data, kept NDPI intervals and DICOM frames (older wsi-idf refuses it by
 # name instead of calling new chunk kinds damage); 2: patches bound to their positions (patch format 3,
 # wsi-idf 0.3-0.4); 1: wsi-idf 0.1-0.2
-ARCHIVE_FORMAT = 3
-READABLE_FORMATS = (1, 2, 3)
+# 4: wsi-idf 0.6: IDF-coded levels carry their model's tensors in their codec configuration, and the
+# model may be a lab's own or adapted to the slide (older wsi-idf would not find it by name)
+ARCHIVE_FORMAT = 4
+READABLE_FORMATS = (1, 2, 3, 4)
 PREVIEW_MAX = 1024  # longest side of the preview's first level
 PREVIEW_MIN = 256
 MAX_LEVEL_SIDE = 2**20  # pixels: beyond any scanner (~250k), and within what a patch position names
@@ -118,8 +120,10 @@ def check_metadata(attrs: dict, zarr_format: int, path: Path) -> None:
     try:
         check_model_name(model.get("name"))
     except WsiIdfError as exc:
-        raise _damaged(path, "model name", f"is not a registered model ({exc})") from None
+        raise _damaged(path, "model name", f"is not a model name ({exc})") from None
     _hex(path, "model weights", model.get("weights"), 64)
+    if "embedded" in model:
+        _hex(path, "model embedded", model.get("embedded"), 64)
     levels = meta.get("levels")
     if not isinstance(levels, list) or not 1 <= len(levels) <= MAX_LEVELS:
         raise _damaged(path, "levels", f"must be a list of 1 to {MAX_LEVELS} levels")
@@ -233,6 +237,14 @@ def check_level_array(path: Path, level: int, lv: dict, model: dict, zarr_format
     fmt = FORMATS[zarr_format]
     folder = path / str(level)
     meta = read_json(folder / fmt.array_file)
+    config = fmt.level_codec_config(meta)
+    embedded = config.pop("embedded", None) if config is not None else None  # checked apart: root holds its hash
+    if lv.get("storage", "idf") == "idf" and model.get("embedded"):
+        if not isinstance(embedded, dict) or embedded.get("sha256") != model["embedded"]:
+            raise DamagedArchiveError(f"{folder}: the level does not carry the archive's model "
+                                      f"{model['embedded'][:16]}: the archive is damaged or forged")
+    elif embedded is not None:
+        raise DamagedArchiveError(f"{folder}: the level carries a model the archive does not name: damaged or forged")
     for key, value in fmt.expected_level_metadata(lv, model, archive).items():
         if meta.get(key) != value:
             raise DamagedArchiveError(f"{folder}: the level's array metadata ({key}) disagrees with the archive's "
@@ -293,19 +305,39 @@ class Archive:
         return zarr.open_array(self.path / str(level), mode="r")
 
 
+def archive_model(path: Path, meta: dict, zarr_format: int):
+    """The archive's coding model: the tensors its IDF-coded levels carry (format 4), else the package's
+    weights of that name; None when every level keeps its source tiles (no model is needed)."""
+    from ..coding.embedded import load_embedded
+    from ..coding.policy import codec_device
+    from ..coding.registry import get_model
+    model = meta["model"]
+    idf_levels = [i for i, lv in enumerate(meta["levels"]) if lv.get("storage", "idf") == "idf"]
+    if not idf_levels:
+        return None
+    if not model.get("embedded"):
+        return get_model(model["name"], weights=model["weights"])
+    fmt = FORMATS[zarr_format]
+    config = fmt.level_codec_config(read_json(path / str(idf_levels[0]) / fmt.array_file)) or {}
+    payload = config.get("embedded")
+    if not isinstance(payload, dict) or payload.get("sha256") != model["embedded"]:
+        raise DamagedArchiveError(f"{path}: level {idf_levels[0]} does not carry the archive's model: the archive "
+                                  "is damaged or forged")
+    return load_embedded(payload, model["weights"], str(codec_device()))
+
+
 def open_archive(path: str | Path) -> Archive:
     """Open a finished archive read-only, after checking its metadata against its arrays. Each level
     is a Dask array read through wsi-idf's checked reader."""
     import dask.array as da
     from ..errors import WsiIdfError
     from .reader import LevelReader
-    from ..coding.registry import get_model
     path = Path(path)
     attrs, fmt = read_attributes(path)
     meta = attrs["wsi_idf"]
     model = meta["model"]
     try:
-        coding_model = get_model(model["name"], weights=model["weights"])
+        coding_model = archive_model(path, meta, fmt)
     except WsiIdfError as exc:
         raise ArchiveError(f"{path}: cannot load the archive's model: {exc}") from None
     readers, levels = [], []

@@ -49,7 +49,7 @@ class LevelReader:
     width: int
     shard: int
     zarr_format: int
-    model: CodingModel  # pinned: the archive's weights
+    model: CodingModel | None  # pinned: the archive's weights (None: every level keeps source tiles)
     bound: bool  # patches carry their positions (archive format 2)
     storage: str = "idf"  # or "source": the slide's own tiles (``source_tiles``)
     chunk: int = PATCH  # chunk side: 80 for IDF patches, the tile side for source tiles

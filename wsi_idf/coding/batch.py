@@ -102,9 +102,9 @@ def ideal_bits(patches: np.ndarray, model: ModelArg = None, device: str | torch.
     return np.array([streams.ideal_bits(latents, i) for i in range(len(patches))])
 
 
-def check_levels(levels: int | None, model: CodingModel) -> None:
-    """A progressive decode reads 1 .. the model's flow levels."""
-    if levels is not None and not 1 <= levels <= model.config.levels:
+def check_levels(levels: int | None, model: CodingModel | None) -> None:
+    """A progressive decode reads 1 .. the model's flow levels (no model: only kept tiles, always exact)."""
+    if levels is not None and model is not None and not 1 <= levels <= model.config.levels:
         raise InvalidPatchError(f"flow levels to decode must be 1 to {model.config.levels} for model "
                                 f"{model.name!r}, got {levels}")
 

@@ -1,13 +1,16 @@
-"""Registered models: one table of names, configurations and weight files.
+"""Models by name: the table of built-in models, a lab's own models, and model files given by path.
 
-Weight files live in ``wsi_idf/weights`` and are named ``{name}-{sha256[:8]}.safetensors``;
-the hash is checked when a file is loaded. Loaded models are cached per (file, device).
+Built-in weight files live in ``wsi_idf/weights``; a lab's own in the user models folder
+(``WSI_IDF_MODELS``, else ``$XDG_DATA_HOME/wsi-idf/models``, where ``wsi-idf train`` exports).
+Both are named ``{name}-{sha256[:8]}.safetensors`` and the hash is checked when a file is loaded. Loaded models are cached per (file, device).
 The table imports no torch: reading an archive's kept source tiles never loads it. Where the
 network runs, and in what batches, is ``coding.policy``'s to decide.
 """
 from __future__ import annotations
 
 
+import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,16 +99,65 @@ def entry(name: str | None) -> ModelEntry:
 
 MODEL_NAMES = frozenset([*MODELS, *(e.name for e in RETIRED)])
 _HEX = frozenset("0123456789abcdef")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]{0,63}")
 
 
 def check_model_name(name: object) -> str:
-    """A registered model name, refused otherwise: names come from archives, which may be hostile,
-    so nothing but a name in the table may ever reach a file path."""
-    if not isinstance(name, str) or name not in MODEL_NAMES:
+    """A model name: letters, digits and ``_+-``, at most 64. Names come from archives, which may be
+    hostile, so a name is only ever a label: it is never a path and never reaches one but as
+    ``{name}-{hash}.safetensors`` inside the model folders."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         shown = repr(name) if len(repr(name)) < 80 else repr(name)[:77] + "..."
-        raise UnknownModelError(f"unknown model {shown}; this wsi-idf knows {', '.join(sorted(MODEL_NAMES))} "
-                                "(a model is named, never given as a path, in archive metadata)")
+        raise UnknownModelError(f"unknown model {shown}: not a model name (letters, digits and _+-, at most 64; "
+                                "a model is named, never given as a path, in archive metadata)")
     return name
+
+
+def user_models_dir() -> Path:
+    """Where a lab's own models live: ``WSI_IDF_MODELS``, else ``$XDG_DATA_HOME/wsi-idf/models``."""
+    if os.environ.get("WSI_IDF_MODELS"):
+        return Path(os.environ["WSI_IDF_MODELS"]).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "wsi-idf" / "models"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model a user asked for, resolved to its file: what pack, the batch job and the codecs embed."""
+
+    name: str
+    path: Path
+    sha256: str
+    builtin: bool
+
+
+def resolve_model(model: str | Path | None = None) -> ModelChoice:
+    """A built-in name, a name in the user models folder (its newest file), or a model file's path."""
+    from ..digests import file_sha256
+    from .model_file import check_model_path, read_model_name, verify_file_hash
+    spec = DEFAULT_MODEL if model is None else model
+    if isinstance(spec, str) and spec in MODELS:
+        path = weights_file(spec)
+        return ModelChoice(spec, path, model_sha256(spec), True)
+    if isinstance(spec, Path) or "/" in spec or spec.endswith(".safetensors"):
+        path = Path(spec).expanduser()
+        check_model_path(path)
+        return ModelChoice(check_model_name(read_model_name(path)), path, verify_file_hash(path),
+                           path.resolve().parent == WEIGHTS_DIR)
+    name = check_model_name(spec)
+    files = [p for p in user_models_dir().glob(f"{name}-*.safetensors") if _user_file_name(p.name, name)]
+    if not files:
+        raise UnknownModelError(f"unknown model {name!r}: built-in models are {', '.join(sorted(MODELS))}, and "
+                                f"{user_models_dir()} has no {name}-*.safetensors (see wsi-idf models; a model "
+                                "file can also be given by its path)")
+    path = max(files, key=lambda p: (p.stat().st_mtime, p.name))
+    check_model_path(path)
+    return ModelChoice(name, path, file_sha256(path), False)
+
+
+def _user_file_name(file_name: str, name: str) -> bool:
+    suffix = file_name[len(name) + 1:-len(".safetensors")]
+    return len(suffix) == 8 and set(suffix) <= _HEX
 
 
 def check_weights_id(weights: object) -> str:
@@ -124,21 +176,22 @@ def weights_file(name: str | None = None, weights: str | bytes | None = None) ->
 
     Weight files are never deleted when a model is retrained: archives name the weights
     they were written with, and those must decode in every later version. Only regular files
-    inside ``WEIGHTS_DIR`` are returned, never a symlink.
+    inside ``WEIGHTS_DIR`` or the user models folder are returned, never a symlink.
     """
     if name is not None:
         check_model_name(name)
     if weights is None:
-        return _regular(WEIGHTS_DIR / entry(name).weights)
+        return _regular(WEIGHTS_DIR / entry(name).weights) if name in MODELS or name is None \
+            else resolve_model(name).path
     prefix = check_weights_id(weights)[:8]
     pattern = f"{name}-{prefix}.safetensors" if name else f"*-{prefix}.safetensors"
-    matches = sorted(WEIGHTS_DIR.glob(pattern))
+    matches = sorted(WEIGHTS_DIR.glob(pattern)) or sorted(user_models_dir().glob(pattern))
     if not matches:
         shipped = ", ".join(f"{e.name}={e.weights_id.hex()}" for e in MODELS.values())
         raise WeightsMismatchError(
             f"data was written with {'model ' + repr(name) + ' ' if name else ''}weights {prefix}, which this "
             f"wsi-idf does not have (current models: {shipped}); install the wsi-idf version that wrote it "
-            "or pass its model file")
+            f"or pass its model file (or put it in {user_models_dir()})")
     return _regular(matches[0])
 
 
@@ -150,17 +203,18 @@ def _regular(path: Path) -> Path:
 
 def get_model(model: str | Path | CodingModel | None = None, device: str | torch.device | None = "cpu",
               weights: str | bytes | None = None) -> CodingModel:
-    """A loaded coding model: by registered name (and optionally weights), by model-file path, or passed through.
+    """A loaded coding model: by name (built-in or in the user models folder; optionally with weights),
+    by model-file path, or passed through.
 
     With ``weights`` given, a model whose weights differ raises ``WeightsMismatchError``.
-    A path is the caller's own choice; the codecs only ever pass registered names.
+    A path is the caller's own choice; the codecs only ever pass names (or embedded weights).
     """
     from .model_file import CodingModel, load_coding_model
     if isinstance(model, CodingModel):
         loaded = model
     else:
         dev = default_device(device)  # ``policy``
-        if isinstance(model, Path) or (isinstance(model, str) and model.endswith(".safetensors")):
+        if isinstance(model, Path) or (isinstance(model, str) and ("/" in model or model.endswith(".safetensors"))):
             path = Path(model)
         else:
             path = weights_file(model, weights)

@@ -25,7 +25,8 @@ from ..errors import ArchiveError, SlideError, WsiIdfError
 from ..outputs import (PLAN_FILE, check_output, is_unfinished_pack, output_lock, remove_stale_temporaries,
                        write_atomic)
 from ..coding.policy import require_device
-from ..coding.registry import entry, model_sha256
+from ..coding.embedded import payload_for_file
+from ..coding.registry import ModelChoice, resolve_model
 from ..digests import level_checksum
 from ..storage.shards import DEFAULT_SHARD, ShardBox, shard_boxes
 from ..slide import Slide, open_slide
@@ -107,7 +108,7 @@ def prepare_output(out: Path, plan: dict, overwrite: bool, resume: bool, source:
     return partial, False
 
 
-def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None, device: str = "auto",
+def pack_slide(source: str | Path, out: str | Path, *, model: str | Path | None = None, device: str = "auto",
                backend: str = "auto", shard: int = DEFAULT_SHARD, zarr_format: int = 3, drop_label: bool = False,
                overwrite: bool = False, resume: bool = False, scheduler: str | None = None,
                workers: int | None = None, resources: dict[str, float] | None = None,
@@ -122,6 +123,10 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
     (``wsi-idf restore``: what is not a kept tile is stored once, in zstd). A level coded from its
     pixels cannot give its own bytes back: ``restorable=True`` stores them too (a larger archive).
 
+    ``model``: a built-in name, a lab's model in the user models folder, or a model file's path. The
+    archive carries the model's tensors in each IDF-coded level (``coding.embedded``), so it decodes
+    wherever wsi-idf is installed.
+
     Bad input raises before anything is written. A failed or interrupted pack leaves only
     ``OUT.partial``, which ``resume=True`` finishes; ``OUT`` appears only when complete.
     ``resources`` (e.g. ``{"GPU": 1}``) restricts the encoding tasks to workers that declare
@@ -134,17 +139,17 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
                            "(a shard is one file and one task's memory; a region read decodes whole chunks of it)")
     if zarr_format not in (2, 3):
         raise ArchiveError(f"zarr format must be 2 or 3, got {zarr_format}")
-    model_entry = entry(model)
+    choice = resolve_model(model)  # the file's name and hash; the client never loads the model
     if device != "auto":
         require_device(device)  # before anything is written
-    weights = model_sha256(model_entry.name)  # the file's hash; the client never loads the model
+    weights = choice.sha256
     slide = open_slide(source, backend)
     with slide:  # the client reads metadata and associated images; workers open their own handles
         layouts = plan_layouts(slide, codec, shard, zarr_format)
         not_restorable = restore_obstacle(slide, layouts, drop_label)
         if not_restorable and not restorable:
             log.warning("%s: the archive will not give the source file back: %s", source.name, not_restorable)
-        plan = make_plan(slide, source, model_entry.name, weights, shard, zarr_format, drop_label, layouts)
+        plan = make_plan(slide, source, choice.name, weights, shard, zarr_format, drop_label, layouts)
         plan["restorable"] = restorable
         if not out.parent.exists():
             try:
@@ -156,14 +161,17 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
             try:
                 with ThreadPoolExecutor(1) as hasher:
                     source_hash = hasher.submit(source_digests, slide)
+                    embedded = payload_for_file(choice.path, weights) \
+                        if any(layout.storage == "idf" for layout in layouts) else None
                     if not resumed or not (root / "0").exists():
-                        create_levels(root, slide, model_entry.name, weights, layouts, zarr_format, plan["archive_id"])
+                        create_levels(root, slide, choice.name, weights, layouts, zarr_format, plan["archive_id"],
+                                      embedded)
                     with runner(scheduler, workers, device, resources) as run:
-                        records, stats = run_shards(run, slide, root, model_entry.name, weights, device, layouts,
+                        records, stats = run_shards(run, slide, root, choice, device, layouts,
                                                     zarr_format, progress, plan["archive_id"])
                     archive_id, checksums = plan["archive_id"], {}
                     associated, pieces = write_associated(root, slide, drop_label, zarr_format,
-                                                          keep_source=codec != "idf", model=model_entry.name,
+                                                          keep_source=codec != "idf", model=choice.name,
                                                           weights=weights, archive_id=archive_id, checksums=checksums)
                     keeps = any(layout.storage == "source" for layout in layouts)
                     preview_levels = write_preview(root, slide, zarr_format, source.stem, slide.info.mpp,
@@ -206,7 +214,8 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
             from ..archive.integrity import ALGORITHM
             meta = {"format_version": ARCHIVE_FORMAT, "wsi_idf_version": __version__, "archive_id": archive_id,
                     "checksums": {"algorithm": ALGORITHM, "arrays": checksums},
-                    "model": {"name": model_entry.name, "weights": weights},
+                    "model": {"name": choice.name, "weights": weights,
+                              **({"embedded": embedded["sha256"]} if embedded else {})},
                     "source": {"name": source.name, "size": plan["source"]["size"], "sha256": sha256,
                                "backend": slide.backend, "decoder": info.pop("decoder")},
                     "slide": info, "levels": level_meta, "skipped_levels": slide.skipped_levels,
@@ -226,13 +235,13 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | None = None,
             return summary
 
 
-def run_shards(run: Runner, slide: Slide, root: Path, model: str, weights: str, device: str,
+def run_shards(run: Runner, slide: Slide, root: Path, model: ModelChoice, device: str,
                layouts: list[LevelLayout], zarr_format: int, progress: bool,
                archive_id: str | None = None) -> tuple[dict[str, dict], dict]:
     """Encode every shard not yet recorded; return the records of all shards by name, and the
     seconds per stage summed over the tasks run now with the workers that ran them."""
-    job = ShardJob(slide.ref, str(root.resolve()), model, weights, device, tuple(layouts), zarr_format,
-                   run.torch_threads, archive_id)
+    job = ShardJob(slide.ref, str(root.resolve()), model.name, model.sha256, device, tuple(layouts), zarr_format,
+                   run.torch_threads, archive_id, str(model.path.resolve()))
     records: dict[str, dict] = {}
     todo: list[ShardBox] = []
     for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):

@@ -47,6 +47,7 @@ class ShardJob:
     zarr_format: int
     torch_threads: int
     archive_id: str | None = None  # enters every chunk's checksum (patch format 4)
+    model_file: str | None = None  # the model file (workers share the file system): a lab's own or adapted model
 
 
 def record_path(root: Path, box: ShardBox) -> Path:
@@ -65,7 +66,7 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
     region = cached_slide(job.slide).read(box.level, box.y0, box.y1, box.x0, box.x1)
     patches, present = cut_patches(region, layout.shard)
     device = str(default_device(job.device))
-    model = get_model(job.model, device, weights=job.weights)
+    model = get_model(Path(job.model_file) if job.model_file else job.model, device, weights=job.weights)
     timings = {"read_s": time.perf_counter() - t0}
     per_side = layout.shard // PATCH
     cells = [(box.row * per_side + int(r), box.col * per_side + int(c)) for r, c in np.argwhere(present)]

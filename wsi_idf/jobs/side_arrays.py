@@ -16,11 +16,13 @@ from .shard_tasks import LevelLayout, piece_record
 
 
 def create_levels(root: Path, slide: Slide, model: str, weights: str, layouts: list[LevelLayout],
-                  zarr_format: int, archive_id: str | None = None) -> None:
+                  zarr_format: int, archive_id: str | None = None, embedded: dict | None = None) -> None:
+    """The level arrays' metadata; IDF-coded levels carry the model's tensors (``embedded``)."""
     import zarr
     for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):
         zarr.create_array(store=str(root / str(i)), **FORMATS[zarr_format].level_array_kwargs(
-            lv.height, lv.width, layout.shard, model, weights, chunk=layout.chunk, archive=archive_id))
+            lv.height, lv.width, layout.shard, model, weights, chunk=layout.chunk, archive=archive_id,
+            embedded=embedded if layout.storage == "idf" else None))
 
 
 def write_associated(root: Path, slide: Slide, drop_label: bool, zarr_format: int, keep_source: bool = False,

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from ..config import NUM_SCALES, T_MAX, IDFConfig, WaveletConfig
+from ..config import T_MAX, IDFConfig, WaveletConfig
 from ..digests import file_sha256
 from .flow import IDF, QuantConv, QuantNet
-from ..coding.model_file import (FILE_FORMAT, FILE_FORMAT_WAVELET, LATENT_LIMIT, _config, _read, check_model_path,
-                         verify_file_hash)
+from ..coding.model_file import (FILE_FORMAT, FILE_FORMAT_WAVELET, _config, _read, check_model_path, context_bounds,
+                                 prior_bounds, verify_file_hash)
 from .tables import split_table, top_table
 from .wavelet_flow import HIGH_CHANNELS, STEP_CHANNELS, WaveletIDF
 
@@ -50,7 +50,7 @@ def _idf_tensors(model: IDF) -> dict[str, np.ndarray]:
             tensors.update(_export_net(model.couplings[level][step], f"coupling.{level}.{step}",
                                        np.full(half, -T_MAX), np.full(half, T_MAX)))
         if level < cfg.levels - 1:
-            tensors.update(_export_net(model.split_priors[level], f"prior.{level}", *_prior_bounds(half)))
+            tensors.update(_export_net(model.split_priors[level], f"prior.{level}", *prior_bounds(half)))
     tensors["split_freq"] = split_table()
     return tensors
 
@@ -62,25 +62,11 @@ def _wavelet_tensors(model: WaveletIDF) -> dict[str, np.ndarray]:
             tensors.update(_export_net(net, f"coupling.{level}.{step}", np.full(STEP_CHANNELS, -T_MAX),
                                        np.full(STEP_CHANNELS, T_MAX)))
     for level, net in enumerate(model.split_priors):
-        tensors.update(_export_net(net, f"prior.{level}", *_prior_bounds(HIGH_CHANNELS)))
+        tensors.update(_export_net(net, f"prior.{level}", *prior_bounds(HIGH_CHANNELS)))
     for level, net in enumerate(model.context_priors):  # outputs add to the prior's: the same units
-        tensors.update(_export_net(net, f"context.{level}", *_context_bounds(HIGH_CHANNELS)))
+        tensors.update(_export_net(net, f"context.{level}", *context_bounds(HIGH_CHANNELS)))
     tensors["split_freq"] = split_table(deterministic=True)
     return tensors
-
-
-def _prior_bounds(channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Clamp bounds of a split prior's outputs: means (in 1/MEAN_STEPS), then scale indices."""
-    lo = np.concatenate([np.full(channels, -LATENT_LIMIT), np.zeros(channels)])
-    hi = np.concatenate([np.full(channels, LATENT_LIMIT), np.full(channels, NUM_SCALES - 1)])
-    return lo, hi
-
-
-def _context_bounds(channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Clamp bounds of a context network's outputs: corrections to the prior's means and scale indices."""
-    lo = np.concatenate([np.full(channels, -LATENT_LIMIT), np.full(channels, -(NUM_SCALES - 1))])
-    hi = np.concatenate([np.full(channels, LATENT_LIMIT), np.full(channels, NUM_SCALES - 1)])
-    return lo, hi
 
 
 def export_model(model: IDF | WaveletIDF, directory: str | Path, name: str) -> Path:

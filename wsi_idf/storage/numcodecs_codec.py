@@ -16,7 +16,8 @@ from ..errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
 from ..coding import patch_format as fmt
 from ..coding.patch_format import RAW_BYTES
 from ..coding.policy import codec_device
-from ..coding.registry import DEFAULT_MODEL, check_model_name, check_weights_id, get_model, model_sha256
+from ..coding.embedded import check_payload, load_embedded, payload_for_file
+from ..coding.registry import DEFAULT_MODEL, check_model_name, check_weights_id, get_model, resolve_model
 
 if TYPE_CHECKING:  # the batch API (torch) is imported when a patch is coded: kept source tiles need none
     from ..coding.model_file import CodingModel
@@ -28,10 +29,15 @@ class WsiIdf(Codec):
     Parameters
     ----------
     model : str
-        A registered model name (``"fast"``; see ``wsi-idf models``).
+        A model name (``"fast"``, or a lab's own in the user models folder; see ``wsi-idf models``).
     weights : str, optional
-        The sha256 of the model file. Stored in the array metadata; decoding refuses
-        when the installed weights differ. Defaults to the installed weights.
+        The sha256 of the model file. Stored in the array metadata; decoding refuses other
+        weights. Defaults to the named model's weights, which are then embedded.
+    embedded : dict, optional
+        The model's coding tensors (``coding.embedded``), carried in the configuration so that the
+        array decodes wherever wsi-idf is installed, whatever models that installation has. A codec
+        made with ``weights=None`` embeds its model; configurations of wsi-idf 0.5 and older have none
+        and decode with the package's own weights.
     archive : str, optional
         The id of the archive the array belongs to (32 hex digits): chunks are written in patch
         format 4, whose checksum covers it, so a chunk of another archive fails to decode.
@@ -59,13 +65,24 @@ class WsiIdf(Codec):
     codec_id = "wsi_idf"
     max_buffer_size = fmt.RAW_BYTES + fmt.HEADER.size + fmt.POSITION.size  # the encoder never writes more
 
-    def __init__(self, model: str = DEFAULT_MODEL, weights: str | None = None, archive: str | None = None):
-        # the configuration may come from a hostile archive: only a registered name and a hex
-        # hash pass, and the model loads on first use, so opening an array never fails on it
+    def __init__(self, model: str = DEFAULT_MODEL, weights: str | None = None, archive: str | None = None,
+                 embedded: dict | None = None):
+        # the configuration may come from a hostile archive: only a name, a hex hash and a bounded
+        # payload pass, and the model loads on first use, so opening an array never fails on it
         self.model = check_model_name(model)
         self._model: CodingModel | None = None  # runtime state, loaded on first use
-        self.weights = check_weights_id(model_sha256(model) if weights is None else weights)
+        if weights is None:  # a new array: the named model's weights, carried along
+            choice = resolve_model(model)
+            weights, embedded = choice.sha256, payload_for_file(choice.path, choice.sha256)
+        self.weights = check_weights_id(weights)
+        self.embedded = None if embedded is None else check_payload(embedded)
         self.archive = check_archive_id(archive)
+
+    @classmethod
+    def from_model_file(cls, path, archive: str | None = None) -> "WsiIdf":
+        """A codec for a model file given by path (a lab's own or an adapted one), its weights embedded."""
+        choice = resolve_model(path)
+        return cls(choice.name, choice.sha256, archive, payload_for_file(choice.path, choice.sha256))
 
     @property
     def _archive_id(self) -> bytes | None:
@@ -75,7 +92,10 @@ class WsiIdf(Codec):
     def _coding_model(self) -> CodingModel:
         """The loaded model, pinned to the configured weights, on ``WSI_IDF_DEVICE``."""
         if self._model is None:
-            self._model = get_model(self.model, codec_device(), weights=self.weights)
+            if self.embedded is not None:
+                self._model = load_embedded(self.embedded, self.weights, str(codec_device()))
+            else:
+                self._model = get_model(self.model, codec_device(), weights=self.weights)
         return self._model
 
     def encode(self, buf) -> bytes:
@@ -122,13 +142,18 @@ class WsiIdf(Codec):
                                     "damaged") from None
 
     def __reduce__(self):  # pickle the configuration, not the loaded model (Dask ships codecs to workers)
-        return type(self), (self.model, self.weights, self.archive)
+        return type(self), (self.model, self.weights, self.archive, self.embedded)
 
     def get_config(self) -> dict:
         config = {"id": self.codec_id, "model": self.model, "weights": self.weights}
-        return {**config, "archive": self.archive} if self.archive else config
+        if self.archive:
+            config["archive"] = self.archive
+        if self.embedded is not None:
+            config["embedded"] = self.embedded
+        return config
 
-    def __repr__(self) -> str:  # valid Python: eval(repr(codec)) is the same codec
+    def __repr__(self) -> str:  # valid Python; the embedded tensors (~0.4 MB) are left out, so eval(repr(codec))
+        # is the same decoder wherever the weights are installed
         archive = f", archive={self.archive!r}" if self.archive else ""
         return f"WsiIdf(model={self.model!r}, weights={self.weights!r}{archive})"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -79,17 +79,31 @@ class WsiIdfCodec(ArrayBytesCodec):
     model: str
     weights: str
     archive: str | None
+    embedded: dict | None = field(default=None, repr=False, compare=False)  # the model's tensors (~0.4 MB)
 
-    def __init__(self, *, model: str = DEFAULT_MODEL, weights: str | None = None, archive: str | None = None) -> None:
-        engine = WsiIdf(model=model, weights=weights, archive=archive)  # validates; loads the model on first use
+    def __init__(self, *, model: str = DEFAULT_MODEL, weights: str | None = None, archive: str | None = None,
+                 embedded: dict | None = None) -> None:
+        # validates; loads the model on first use; weights=None embeds the named model's tensors
+        engine = WsiIdf(model=model, weights=weights, archive=archive, embedded=embedded)
+        self._adopt(engine)
+
+    def _adopt(self, engine: WsiIdf) -> None:
         object.__setattr__(self, "model", engine.model)
         object.__setattr__(self, "weights", engine.weights)
         object.__setattr__(self, "archive", engine.archive)
+        object.__setattr__(self, "embedded", engine.embedded)
         object.__setattr__(self, "_codec", engine)  # not a dataclass field: kept out of eq/repr
         raise_decode_batch()
 
+    @classmethod
+    def from_model_file(cls, path, archive: str | None = None) -> Self:
+        """A codec for a model file given by path (a lab's own or an adapted one), its weights embedded."""
+        codec = cls.__new__(cls)
+        codec._adopt(WsiIdf.from_model_file(path, archive))
+        return codec
+
     def __reduce__(self):  # pickle the configuration, not the loaded model (Dask ships codecs to workers)
-        return _codec_from_config, (self.model, self.weights, self.archive)
+        return _codec_from_config, (self.model, self.weights, self.archive, self.embedded)
 
     @classmethod
     def from_dict(cls, data: dict[str, JSON]) -> Self:
@@ -100,6 +114,8 @@ class WsiIdfCodec(ArrayBytesCodec):
         config: dict[str, JSON] = {"model": self.model, "weights": self.weights}
         if self.archive:  # arrays of an archive: chunks bound to it (patch format 4)
             config["archive"] = self.archive
+        if self.embedded is not None:
+            config["embedded"] = self.embedded
         return {"name": "wsi_idf", "configuration": config}
 
     def validate(self, *, shape: tuple[int, ...], dtype: ZDType[TBaseDType, TBaseScalar],
@@ -160,5 +176,6 @@ class WsiIdfCodec(ArrayBytesCodec):
         raise NotImplementedError("wsi_idf output size depends on the content")
 
 
-def _codec_from_config(model: str, weights: str, archive: str | None = None) -> WsiIdfCodec:
-    return WsiIdfCodec(model=model, weights=weights, archive=archive)
+def _codec_from_config(model: str, weights: str, archive: str | None = None,
+                       embedded: dict | None = None) -> WsiIdfCodec:
+    return WsiIdfCodec(model=model, weights=weights, archive=archive, embedded=embedded)

@@ -79,7 +79,7 @@ class ZarrFormat:
         return root_metadata.get("attributes", {}) if self.version == 3 else root_metadata
 
     def level_array_kwargs(self, height: int, width: int, shard: int, model: str, weights: str | None,
-                           chunk: int = PATCH, archive: str | None = None) -> dict:
+                           chunk: int = PATCH, archive: str | None = None, embedded: dict | None = None) -> dict:
         """zarr.create_array arguments for one coded level (``chunk``: 80 for IDF patches, the tile side
         for a level that keeps its source tiles; ``archive``: the archive's id, which its chunks' checksums cover)."""
         common = dict(shape=(CHANNELS, height, width), dtype="uint8", chunks=(CHANNELS, chunk, chunk), fill_value=0,
@@ -87,10 +87,10 @@ class ZarrFormat:
         if self.version == 3:
             from .zarr_codec import WsiIdfCodec
             return dict(common, shards=(CHANNELS, shard, shard),
-                        serializer=WsiIdfCodec(model=model, weights=weights, archive=archive),
+                        serializer=WsiIdfCodec(model=model, weights=weights, archive=archive, embedded=embedded),
                         compressors=None, dimension_names=("c", "y", "x"))
         from .numcodecs_codec import WsiIdf
-        return dict(common, compressors=WsiIdf(model=model, weights=weights, archive=archive), filters=None,
+        return dict(common, compressors=WsiIdf(model=model, weights=weights, archive=archive, embedded=embedded), filters=None,
                     chunk_key_encoding={"name": "v2", "separator": "/"})
 
     def standard_array_kwargs(self, shape: tuple[int, ...], dimension_names: tuple[str, ...]) -> dict:
@@ -119,6 +119,17 @@ class ZarrFormat:
                     "index_location": "end"}}]}
         return {"shape": shape, "chunks": [CHANNELS, PATCH, PATCH], "dtype": "|u1", "fill_value": 0, "order": "C",
                 "filters": None, "dimension_separator": "/", "compressor": {"id": "wsi_idf", **codec}}
+
+    def level_codec_config(self, meta: dict) -> dict | None:
+        """The ``wsi_idf`` codec configuration inside a level's array metadata (None: not where wsi-idf puts it)."""
+        try:
+            if self.version == 3:
+                config = meta["codecs"][0]["configuration"]["codecs"][0]["configuration"]
+            else:
+                config = meta["compressor"]
+        except (KeyError, IndexError, TypeError):
+            return None
+        return config if isinstance(config, dict) else None
 
     def small_array_layout(self, meta: dict) -> tuple[object, object, bool] | None:
         """(shape, chunks, kept by the wsi_idf codec) of a preview or associated array's metadata, or
