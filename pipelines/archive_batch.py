@@ -32,7 +32,7 @@ from pathlib import Path
 from wsi_idf.archive.layout import archive_sizes, read_attributes
 from wsi_idf.archive.restore import restore_info
 from wsi_idf.outputs import write_atomic
-from wsi_idf.cli import configure_logging
+from wsi_idf.cli import adapt_budget, configure_logging
 from wsi_idf.errors import WsiIdfError
 from wsi_idf.jobs.pack import pack_slide, partial_path
 
@@ -41,8 +41,9 @@ log = logging.getLogger("wsi_idf")
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
 FIELDS = ["slide", "archive", "status", "source_bytes", "raw_bytes", "archive_bytes", "ratio_to_raw",
           "ratio_to_source", "bits_per_subpixel", "level_storage", "level_checksums", "source_sha256", "restorable",
-          "verified", "seconds", "error"]
-FIELDS_04 = [f for f in FIELDS if f not in ("source_sha256", "restorable", "verified")]  # wsi-idf 0.3-0.4
+          "verified", "model", "adapted", "seconds", "error"]
+FIELDS_05 = [f for f in FIELDS if f not in ("model", "adapted")]  # wsi-idf 0.5
+FIELDS_04 = [f for f in FIELDS_05 if f not in ("source_sha256", "restorable", "verified")]  # wsi-idf 0.3-0.4
 EARLIER_FIELDS = [f for f in FIELDS_04 if f != "level_storage"]  # manifests of wsi-idf 0.1-0.2
 
 
@@ -102,7 +103,21 @@ def finished_row(slide: Path, out: Path, earlier: dict | None) -> dict:
             "level_storage": ";".join(lv.get("storage", "idf") for lv in meta["levels"]),
             "level_checksums": ";".join(lv["checksum"]["value"] for lv in meta["levels"]),
             "source_sha256": source["sha256"], "restorable": "yes" if restore_info(meta)["restorable"] else "no",
-            "verified": (earlier or {}).get("verified", ""), "seconds": (earlier or {}).get("seconds", ""), "error": ""}
+            "verified": (earlier or {}).get("verified", ""), **model_columns(meta), "seconds": (earlier or {}).get("seconds", ""), "error": ""}
+
+
+def model_columns(meta: dict) -> dict:
+    """``model``: the model that coded the slide; ``adapted``: the held-out gain of adapting it, or why not."""
+    from wsi_idf.archive.unpack import model_facts
+    adaptation = model_facts(meta)["adaptation"]
+    if adaptation is None:
+        adapted = ""
+    elif adaptation.get("skipped"):
+        adapted = f"no: {adaptation['skipped']}"
+    else:
+        gain = 100 * (1 - adaptation["adapted_bpsp"] / adaptation["base_bpsp"])
+        adapted = f"{'yes' if adaptation['kept'] == 'adapted' else 'no: the base model wrote less'} ({gain:+.2f}%)"
+    return {"model": f"{meta['model']['name']}-{meta['model']['weights'][:8]}", "adapted": adapted}
 
 
 def verify_row(slide: Path, out: Path, scheduler: str | None) -> str:
@@ -132,7 +147,8 @@ def check_manifest_is_ours(out_dir: Path) -> None:
         json_ours = isinstance(rows, list) and all(isinstance(r, dict) and "slide" in r and "status" in r for r in rows)
         csv_path = out_dir / "manifest.csv"
         csv_ours = not csv_path.exists() or csv_path.read_text().splitlines()[:1] in (
-            [",".join(FIELDS)], [",".join(FIELDS_04)], [",".join(EARLIER_FIELDS)])
+            [",".join(FIELDS)], [",".join(FIELDS_05)], [",".join(FIELDS_04)],
+            [",".join(EARLIER_FIELDS)])
     except (OSError, ValueError, UnicodeDecodeError):
         json_ours = csv_ours = False
     if not (json_ours and csv_ours):
@@ -234,7 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("source", type=Path, help="a folder of slides, or a CSV with a 'path' column")
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the archives and manifest")
     parser.add_argument("--recursive", action="store_true", help="look for slides in sub-folders too")
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None, metavar="NAME|FILE",
+                        help="as `wsi-idf pack --model`: a built-in name, a user model, or a model file")
+    parser.add_argument("--adapt", type=adapt_budget, default=None, metavar="MINUTES|auto",
+                        help="as `wsi-idf pack --adapt`: fine-tune the model on each slide first (auto: by slide size)")
+    parser.add_argument("--adapt-steps", type=int, default=None, metavar="N", help="adapt for exactly N steps")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--drop-label", action="store_true", help="leave out label images (patient identifiers)")
     parser.add_argument("--codec", choices=["auto", "idf", "source"], default="auto",
@@ -267,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_scheduler(address)
             rows = run_batch(slides, args.output, address, progress=not args.quiet, verify=args.verify,
                              model=args.model, device=args.device, drop_label=args.drop_label, codec=args.codec,
-                             restorable=args.restorable)
+                             restorable=args.restorable, adapt=args.adapt, adapt_steps=args.adapt_steps)
     except WsiIdfError as exc:
         print(f"archive_batch: error: {exc}", file=sys.stderr)
         return 1

@@ -1,2 +1,2 @@
 """The version, stated once: the package reads it here, and pyproject.toml reads it from here."""
-__version__ = "0.5.0"
+__version__ = "0.6.0"

@@ -46,6 +46,18 @@ def _resources(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"expected NAME=N[,NAME=N], e.g. GPU=1, got {text!r}") from None
 
 
+def adapt_budget(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected minutes or auto, got {text!r}") from None
+    if not 0 < value <= 600:
+        raise argparse.ArgumentTypeError(f"minutes must be above 0 and at most 600, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -90,7 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT.partial and finished with --resume.")
     p.add_argument("slide", type=Path, help="the slide file")
     p.add_argument("-o", "--output", type=Path, required=True, help="the archive to write (e.g. slide.zarr)")
-    p.add_argument("--model", default=None, help="registered model (see `wsi-idf models`; default: fast)")
+    p.add_argument("--model", default=None, metavar="NAME|FILE",
+                   help="a built-in model, a model in the user models folder, or a model file's path (see `wsi-idf "
+                        "models`; default: fast). The archive carries the model's weights (~0.4 MB per IDF-coded "
+                        "level), so it decodes wherever wsi-idf is installed")
+    p.add_argument("--adapt", type=adapt_budget, default=None, metavar="MINUTES|auto",
+                   help="first fine-tune the model on this slide for MINUTES (wall time, on the coding device), "
+                        "and code with it if it writes fewer bytes on held-out regions of the slide; auto: a "
+                        "budget by slide size (none below 50 Mpx coded with the IDF)")
+    p.add_argument("--adapt-steps", type=_positive_int, default=None, metavar="N",
+                   help="adapt for exactly N steps instead of a time budget: the same weights on every run")
+    p.add_argument("--adapt-seed", type=int, default=0, help="seed of the adaptation (regions, crops; default 0)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
     p.add_argument("--backend", default="auto", choices=["auto", "tifffile", "openslide"],
                    help="slide reader (auto: tifffile for TIFF-based files, else OpenSlide)")
@@ -126,17 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
                                    "The exported weights are the moving average (EMA) with the best validation "
                                    "bits seen; the checkpoint keeps the optimizer state, so a rerun continues the "
                                    "same run.\n\n"
-                                   "Fine-tune a shipped model on a lab's own slides:\n"
-                                   f"  wsi-idf train fast --init-from {_shipped_weights('fast')} "
-                                   "--data /lab/slides --minutes 60 --out finetuned/")
-    p.add_argument("model", help="registered configuration (fast) or candidate in training (max, grown from fast "
-                                 "with --grow-from); the name of the exported file")
+                                   "The model is exported into the user models folder (--export-to), where "
+                                   "`wsi-idf pack --model NAME` and `wsi-idf models` find it; every archive "
+                                   "carries the weights it was coded with.\n\n"
+                                   "Fine-tune the shipped model on a lab's own slides (current base weights: "
+                                   f"{_shipped_weights('fast')}):\n"
+                                   "  wsi-idf train lab-he --init-from fast --data /lab/slides --minutes 60\n"
+                                   "  wsi-idf pack slide.svs -o slide.zarr --model lab-he")
+    p.add_argument("model", help="the name of the exported model (letters, digits, _+-); a built-in configuration "
+                                 "(fast) or candidate (max, grown from fast with --grow-from) when training from "
+                                 "scratch")
     p.add_argument("--data", action="append", type=Path, default=None,
                    help="folder (or file) of tiles and/or slides; repeatable (default: the shared train tiles)")
     p.add_argument("--val", action="append", type=Path, default=None,
-                   help="validation folder (default: the shared val tiles, or a tenth of the training tiles)")
-    p.add_argument("--out", type=Path, default=Path("checkpoints"), help="checkpoints, log and exported model")
-    p.add_argument("--init-from", type=Path, default=None, help="a model file to fine-tune (its float weights)")
+                   help="validation folder (default: the shared val tiles when --data is not given; else a tenth "
+                        "of the training tiles, or the bottom tenth of each slide's rows, left out of training)")
+    p.add_argument("--out", type=Path, default=Path("checkpoints"), help="checkpoints and log (default checkpoints/)")
+    p.add_argument("--export-to", type=Path, default=None, metavar="DIR",
+                   help="where the exported model goes (default: the user models folder, WSI_IDF_MODELS)")
+    p.add_argument("--init-from", default=None, metavar="NAME|FILE",
+                   help="a model to fine-tune (its float weights): a built-in or user model name, or a model file")
     p.add_argument("--grow-from", type=Path, default=None,
                    help="a smaller model file that a new run of a larger configuration starts as (added blocks "
                         "and levels start as no change)")

@@ -18,12 +18,15 @@ EXIT_VERIFY_FAILED = 3
 
 def cmd_models(args: argparse.Namespace) -> int:
     from dataclasses import asdict
-    from .coding.registry import DEFAULT_MODEL, MODELS, RETIRED, WEIGHTS_DIR
+    from .coding.registry import DEFAULT_MODEL, MODELS, RETIRED, WEIGHTS_DIR, user_models, user_models_dir
     rows = [{"name": e.name, "default": e.name == DEFAULT_MODEL and e in MODELS.values(),
              "status": "registered" if e in MODELS.values() else "retired: decodes old archives only",
              "weights": e.weights, "installed": (WEIGHTS_DIR / e.weights).exists(), "config": asdict(e.config),
              "description": e.description, "measured": asdict(e.measured) if e.measured else None}
             for e in (*MODELS.values(), *RETIRED)]
+    rows += [{"name": m.name, "default": False, "status": f"user model in {user_models_dir()}",
+              "weights": m.path.name, "installed": True, "config": None, "description": f"a lab's own model ({m.path})",
+              "measured": None} for m in user_models()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -34,6 +37,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                    f"{m['decode_mpx_s']:8.2f}" if m else f"{'not measured':>20s}")
         print(f"{'*' if r['default'] else ' '} {r['name']:5s} {r['weights']:29s} {numbers}")
         print(f"        {r['description']}" + ("" if r["status"] == "registered" else f" ({r['status']})"))
+    print(f"user models folder: {user_models_dir()} (WSI_IDF_MODELS); `wsi-idf train NAME` exports there, and "
+          "`pack --model` also takes a model file's path")
     return 0
 
 
@@ -100,6 +105,23 @@ def _storage(level: dict) -> str:
     return "idf (learned lossless codec)"
 
 
+def _model_line(name: str, adaptation: dict | None, model_bytes: int, archive_bytes: int) -> str:
+    """Which model coded the archive, what adapting it measured, and the weights' share of the archive."""
+    share = f"; its weights are {_mb(model_bytes)}, {100 * model_bytes / max(archive_bytes, 1):.2f}% of the archive" \
+        if model_bytes else ""
+    line = f"model     {name}{share}"
+    if adaptation:
+        if adaptation.get("skipped"):
+            line += f"\nadapt     not adapted: {adaptation['skipped']}"
+        else:
+            gain = 100 * (1 - adaptation["adapted_bpsp"] / adaptation["base_bpsp"])
+            line += (f"\nadapt     {adaptation['steps']} steps in {adaptation['seconds']:.0f} s; on "
+                     f"{adaptation['heldout_patches']} held-out patches the base model writes {adaptation['base_bpsp']}"
+                     f" and the adapted {adaptation['adapted_bpsp']} bits per sub-pixel ({gain:+.2f}% smaller): the "
+                     f"{adaptation['kept']} model coded the slide")
+    return line
+
+
 def cmd_pack(args: argparse.Namespace) -> int:
     from .jobs.pack import pack_slide, partial_path
     try:
@@ -107,7 +129,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
                        shard=args.shard, zarr_format=args.zarr_format, drop_label=args.drop_label,
                        overwrite=args.overwrite, resume=args.resume, scheduler=args.scheduler, workers=args.workers,
                        resources=args.resources, progress=not args.quiet, codec=args.codec,
-                       restorable=args.restorable)
+                       restorable=args.restorable, adapt=args.adapt, adapt_steps=args.adapt_steps,
+                       adapt_seed=args.adapt_seed)
     except KeyboardInterrupt:
         print(f"wsi-idf: interrupted; the unfinished archive is kept at {partial_path(args.output)}: "
               "run the same command with --resume to finish it", file=sys.stderr)
@@ -130,6 +153,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     text += ("\nrestore   `wsi-idf restore` gives the source file back byte for byte "
              f"({_mb(s['restore_bytes'])} of the archive)" if s["restorable"]
              else f"\nrestore   not restorable: {s['not_restorable_why']}")
+    text += "\n" + _model_line(s["model"], s["adaptation"], s["model_bytes"], s["archive_bytes"])
     if s["skipped_levels"]:
         text += f"\nnote: {s['skipped_levels']} source level(s) left out; see `wsi-idf info`"
     if s["resumed"]:
@@ -169,7 +193,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     lines = [f"archive   {s['archive']} (Zarr v{s['zarr_format']}, wsi-idf {s['wsi_idf_version']})",
              f"source    {src['name']}, {_mb(src['size'])}, sha256 {src['sha256'][:16]}..., read with "
              f"{src['decoder'].get('reader')}",
-             f"model     {s['model']['name']} (weights {s['model']['weights'][:16]}...)",
+             _model_line(f"{s['model']['name']} (weights {s['model']['weights'][:16]}...)",
+                         s["model"].get("adaptation"), s["model_bytes"], s["archive_bytes"]),
              f"slide     {s['vendor']}, mpp {s['mpp'] or 'unknown'}, objective {s['objective_power'] or 'unknown'}, "
              f"ICC profile {'yes' if s['icc_profile'] else 'no'}, {s['properties']} properties"]
     for lv in s["levels"]:
@@ -240,12 +265,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
                              quantize_from=args.quantize_from, align=args.align,
                              time_limit_s=args.minutes * 60 if args.minutes else None)
+    from .coding.registry import check_model_name, resolve_model, user_models_dir
+    check_model_name(args.model)
+    init_from = resolve_model(args.init_from).path if args.init_from else None
+    export_dir = args.export_to or user_models_dir()
     try:
         s = train_model(args.model, [Path(d) for d in data], args.out, val=[Path(v) for v in val] if val else None,
-                        settings=settings, init_from=args.init_from, device=args.device, grow_from=args.grow_from)
+                        settings=settings, init_from=init_from, device=args.device, grow_from=args.grow_from,
+                        export_dir=export_dir, progress=not args.quiet)
     except ValueError as exc:
         raise WsiIdfError(str(exc)) from exc
-    _emit(args, s, f"exported {s['model']}: validation {s['val_coded_bpsp']} bits per sub-pixel written "
-                   f"(float model {s['val_float_bpsp']}), exact round trip on {s['val_patches']} patches; "
-                   f"to ship it, add it to MODELS in wsi_idf/coding/registry.py and copy it to wsi_idf/weights/")
+    use = f"--model {args.model}" if not args.export_to else f"--model {s['model']}"
+    _emit(args, s, f"exported {s['model']}\nvalidation on {s['val_patches']} patches ({s['val_source']}): "
+                   f"{s['val_bpsp_before']} bits per sub-pixel before ({s['before']}), {s['val_coded_bpsp']} written "
+                   f"after (float model {s['val_float_bpsp']}), exact round trip\n"
+                   f"use it: wsi-idf pack SLIDE -o SLIDE.zarr {use}")
     return 0

@@ -137,4 +137,22 @@ def archive_info(path: str | Path) -> dict:
             "associated": meta["associated"], "label_dropped": meta["label_dropped"],
             "properties": len(slide["properties"]), **{k: v for k, v in sizes.items() if k != "source_bytes"},
             "source_lossy": source_lossy(meta),
-            "restore": restore_info(meta)}
+            "restore": restore_info(meta), **model_facts(meta)}
+
+
+def model_facts(meta: dict) -> dict:
+    """The bytes of the model weights the archive carries, and what adapting the model measured
+    (checked: the metadata may be hostile, and these are printed)."""
+    model, idf_levels = meta["model"], sum(1 for lv in meta["levels"] if lv.get("storage", "idf") == "idf")
+    size = model.get("embedded_bytes")
+    adaptation = model.get("adaptation")
+    numbers = ("steps", "seconds", "heldout_patches", "base_bpsp", "adapted_bpsp")
+    if not (isinstance(adaptation, dict) and (isinstance(adaptation.get("skipped"), str) and
+                                              adaptation.get("kept") == "base" or
+                                              adaptation.get("kept") in ("adapted", "base") and
+                                              all(isinstance(adaptation.get(k), (int, float)) and
+                                                  not isinstance(adaptation.get(k), bool) for k in numbers)
+                                              and adaptation["base_bpsp"] > 0)):
+        adaptation = None
+    return {"model_bytes": size * idf_levels if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0,
+            "adaptation": adaptation}

@@ -112,7 +112,8 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | Path | None 
                backend: str = "auto", shard: int = DEFAULT_SHARD, zarr_format: int = 3, drop_label: bool = False,
                overwrite: bool = False, resume: bool = False, scheduler: str | None = None,
                workers: int | None = None, resources: dict[str, float] | None = None,
-               progress: bool = False, codec: str = "auto", restorable: bool = False) -> dict:
+               progress: bool = False, codec: str = "auto", restorable: bool = False,
+               adapt: float | str | None = None, adapt_steps: int | None = None, adapt_seed: int = 0) -> dict:
     """Pack ``source`` into the archive ``out``; return a summary (sizes, ratios, bits per sub-pixel, time).
 
     ``codec``: ``auto`` keeps the source's own tiles where they are lossy (JPEG, JPEG 2000: smaller
@@ -126,6 +127,11 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | Path | None 
     ``model``: a built-in name, a lab's model in the user models folder, or a model file's path. The
     archive carries the model's tensors in each IDF-coded level (``coding.embedded``), so it decodes
     wherever wsi-idf is installed.
+
+    ``adapt`` (minutes, or ``"auto"``: a budget by slide size) fine-tunes the model on this slide first
+    and codes with it when it writes fewer bytes on held-out regions (``model.adapt``); ``adapt_steps``
+    instead runs exactly that many steps (reproducible given ``adapt_seed``). The adapted weights are
+    written before any shard, so ``resume`` reuses them.
 
     Bad input raises before anything is written. A failed or interrupted pack leaves only
     ``OUT.partial``, which ``resume=True`` finishes; ``OUT`` appears only when complete.
@@ -151,6 +157,8 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | Path | None 
             log.warning("%s: the archive will not give the source file back: %s", source.name, not_restorable)
         plan = make_plan(slide, source, choice.name, weights, shard, zarr_format, drop_label, layouts)
         plan["restorable"] = restorable
+        if adapt is not None or adapt_steps:
+            plan["adapt"] = {"budget": adapt, "steps": adapt_steps, "seed": adapt_seed}
         if not out.parent.exists():
             try:
                 out.parent.mkdir(parents=True)
@@ -161,6 +169,10 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | Path | None 
             try:
                 with ThreadPoolExecutor(1) as hasher:
                     source_hash = hasher.submit(source_digests, slide)
+                    base, adaptation = choice, None
+                    if "adapt" in plan:
+                        choice, adaptation = adapted_model(root, slide, layouts, choice, plan["adapt"], device)
+                        weights = choice.sha256
                     embedded = payload_for_file(choice.path, weights) \
                         if any(layout.storage == "idf" for layout in layouts) else None
                     if not resumed or not (root / "0").exists():
@@ -215,7 +227,10 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | Path | None 
             meta = {"format_version": ARCHIVE_FORMAT, "wsi_idf_version": __version__, "archive_id": archive_id,
                     "checksums": {"algorithm": ALGORITHM, "arrays": checksums},
                     "model": {"name": choice.name, "weights": weights,
-                              **({"embedded": embedded["sha256"]} if embedded else {})},
+                              **({"embedded": embedded["sha256"], "embedded_bytes": len(embedded["data"])}
+                                 if embedded else {}),
+                              **({"base": {"name": base.name, "weights": base.sha256}, "adaptation": adaptation}
+                                 if adaptation else {})},
                     "source": {"name": source.name, "size": plan["source"]["size"], "sha256": sha256,
                                "backend": slide.backend, "decoder": info.pop("decoder")},
                     "slide": info, "levels": level_meta, "skipped_levels": slide.skipped_levels,
@@ -233,6 +248,39 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | Path | None 
             summary["shards"], summary["shards_reused"] = stats["shards"], stats["shards_reused"]
             summary["workers"] = sorted(str(w) for w in stats["workers"] if w is not None)
             return summary
+
+
+def adapted_model(root: Path, slide: Slide, layouts: list[LevelLayout], base: ModelChoice, settings: dict,
+                  device: str) -> tuple[ModelChoice, dict]:
+    """The model to code with after adapting ``base`` to the slide (``model.adapt``), and what was measured.
+    Its file and record are kept in the unfinished archive, so a resumed pack reuses them."""
+    from ..coding.policy import default_device
+    from ..model.adapt import AdaptSettings, adapt_to_slide, auto_minutes
+    folder = root / RECORDS_DIR / "model"
+    record_file = folder / "adaptation.json"
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+        log.info("resuming with the %s model chosen before", record["kept"])
+    else:
+        idf_levels = [i for i, layout in enumerate(layouts) if layout.storage == "idf"]
+        idf_pixels = sum(slide.levels[i].width * slide.levels[i].height for i in idf_levels)
+        budget, steps = settings["budget"], settings["steps"]
+        minutes = auto_minutes(idf_pixels) if budget == "auto" else float(budget or 0)
+        if not idf_levels or not (steps or minutes > 0):
+            why = "no level is IDF-coded" if not idf_levels else f"--adapt auto: {idf_pixels / 1e6:.0f} Mpx is too small to pay"
+            record = {"kept": "base", "skipped": why}
+        else:
+            log.info("adapting model %r to the slide (%s)", base.name, f"{steps} steps" if steps else f"{minutes:g} min")
+            result = adapt_to_slide(slide, idf_levels, base.path, base.name, folder,
+                                    AdaptSettings(minutes, steps, settings["seed"], str(default_device(device))))
+            record = {**result.to_json(), "minutes": minutes if not steps else None}
+            if result.path is not None:
+                record["file"] = result.path.name
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(record_file, json.dumps(record).encode())
+    if record.get("file"):
+        return resolve_model(folder / record["file"]), record
+    return base, record
 
 
 def run_shards(run: Runner, slide: Slide, root: Path, model: ModelChoice, device: str,
@@ -275,7 +323,8 @@ def finish(root: Path, out: Path) -> None:
 
 
 def summarize(out: Path, meta: dict, slide: Slide, seconds: float, resumed: bool) -> dict:
-    return {"archive": str(out), "source": meta["source"]["name"], "model": meta["model"]["name"],
+    from ..archive.unpack import model_facts
+    return {"archive": str(out), "source": meta["source"]["name"], "model": meta["model"]["name"], **model_facts(meta),
             "levels": len(meta["levels"]), "skipped_levels": len(meta["skipped_levels"]),
             **archive_sizes(out, meta), "seconds": round(seconds, 2),
             "storage": [{"storage": lv.get("storage", "idf"), "source_codec": lv.get("source_codec")}

@@ -58,13 +58,36 @@ def background_mask(patches: np.ndarray) -> np.ndarray:
 
 
 class SlideCrops:
-    """Random 80x80 crops from the level 0 of slide files (weighted by area), flipped and rotated."""
+    """Random 80x80 crops from the level 0 of slide files (weighted by area), flipped and rotated.
 
-    def __init__(self, paths: list[Path]):
+    ``holdout``: the share of each slide's rows (at the bottom) that training never sees; ``heldout``
+    takes validation patches from there."""
+
+    def __init__(self, paths: list[Path], holdout: float = 0.0):
         from ..slide import open_slide
         self.slides = [open_slide(p) for p in paths]
         sizes = np.array([s.levels[0].width * s.levels[0].height for s in self.slides], dtype=np.float64)
         self.p = sizes / sizes.sum()
+        self.holdout = holdout
+
+    def _split(self, slide) -> int:
+        """The first row of the held-out band of a slide's level 0."""
+        return int(slide.levels[0].height * (1 - self.holdout))
+
+    def heldout(self, count: int, seed: int = 1) -> np.ndarray:
+        """``count`` patches on the 80-px grid of the held-out bands (fixed by ``seed``), as (N, 3, 80, 80)."""
+        from ..config import PATCH
+        rng = np.random.default_rng(seed)
+        out = []
+        for k in rng.choice(len(self.slides), size=count, p=self.p):
+            slide = self.slides[k]
+            lv, top = slide.levels[0], self._split(slide)
+            if lv.height - top < PATCH or lv.width < PATCH:
+                continue
+            y = top + int(rng.integers(0, (lv.height - top) // PATCH)) * PATCH
+            x = int(rng.integers(0, lv.width // PATCH)) * PATCH
+            out.append(slide.read(0, y, y + PATCH, x, x + PATCH).transpose(2, 0, 1))
+        return np.ascontiguousarray(np.stack(out)) if out else np.empty((0, 3, PATCH, PATCH), np.uint8)
 
     def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
         from ..config import PATCH
@@ -72,7 +95,8 @@ class SlideCrops:
         for i, k in enumerate(rng.choice(len(self.slides), size=count, p=self.p)):
             slide = self.slides[k]
             lv = slide.levels[0]
-            y, x = int(rng.integers(0, lv.height - PATCH + 1)), int(rng.integers(0, lv.width - PATCH + 1))
+            rows = self._split(slide) if self.holdout else lv.height
+            y, x = int(rng.integers(0, max(1, rows - PATCH + 1))), int(rng.integers(0, lv.width - PATCH + 1))
             crop = np.rot90(slide.read(0, y, y + PATCH, x, x + PATCH), k=int(rng.integers(4)))
             if rng.integers(2):
                 crop = crop[:, ::-1]
@@ -83,9 +107,9 @@ class SlideCrops:
 class CropSource:
     """Training crops from tiles and slides, in proportion to their pixel counts."""
 
-    def __init__(self, tiles: list[np.ndarray], slide_paths: list[Path] | None = None):
+    def __init__(self, tiles: list[np.ndarray], slide_paths: list[Path] | None = None, holdout: float = 0.0):
         self.tiles = tiles
-        self.slides = SlideCrops(slide_paths) if slide_paths else None
+        self.slides = SlideCrops(slide_paths, holdout) if slide_paths else None
         tile_px = sum(t.shape[0] * t.shape[1] for t in tiles)
         slide_px = sum(s.levels[0].width * s.levels[0].height for s in self.slides.slides) if self.slides else 0
         if tile_px + slide_px == 0:
@@ -323,15 +347,20 @@ def _is_pyramid(path: Path) -> bool:
 
 def train_model(name: str, data: list[Path], out: Path, val: list[Path] | None = None,
                 settings: TrainSettings | None = None, init_from: Path | None = None, device: str = "cpu",
-                val_patches: int = 256, export: bool = True, grow_from: Path | None = None) -> dict:
+                val_patches: int = 256, export: bool = True, grow_from: Path | None = None,
+                export_dir: Path | None = None, progress: bool = False) -> dict:
     """Train a registered configuration (or fine-tune a model file) and export its exact coding model.
 
     Checkpoints to ``out/{name}.ckpt.safetensors`` (rerun to continue), logs train and validation
-    bits per sub-pixel to ``out/{name}.log.jsonl``, exports ``out/{name}-{sha8}.safetensors``, and
+    bits per sub-pixel to ``out/{name}.log.jsonl``, exports ``{export_dir or out}/{name}-{sha8}.safetensors``
+    (``wsi-idf train`` exports into the user models folder, where ``pack --model NAME`` finds it), and
     proves on the validation patches that the integer model round-trips exactly. Returns a summary
     with the float NLL and the bits the coding model actually writes. The exported weights are the
     EMA with the best validation NLL seen (``export=False`` only trains and checkpoints).
     ``grow_from``: a smaller model file that a new run of a larger configuration starts as (``grow``).
+    Validation: ``val``, else a tenth of the tiles (left out of training), else a band of each slide
+    (the bottom tenth of its rows, never trained on). The summary gives the bits written on it before
+    (by ``init_from``, or the untrained model's float NLL) and after.
     """
     from ..coding.batch import decode_patches, encode_patches
     from .data import grid_patches
@@ -344,22 +373,61 @@ def train_model(name: str, data: list[Path], out: Path, val: list[Path] | None =
     val_tiles, _ = find_training_data(list(val or []))
     if not tiles and not slides:
         raise ValueError(f"no tiles or slides found in {', '.join(map(str, data))}")
-    holdout = grid_patches(val_tiles) if val_tiles else grid_patches(tiles[-max(1, len(tiles) // 10):])
+    holdout_share = 0.0
+    if val_tiles:
+        holdout = grid_patches(val_tiles)
+    elif len(tiles) >= 2:  # a tenth of the tiles, left out of training
+        held = max(1, len(tiles) // 10)
+        holdout, tiles = grid_patches(tiles[-held:]), tiles[:-held]
+    else:  # slides (and at most one tile): the bottom tenth of each slide's rows
+        holdout_share = 0.1
+        holdout = np.empty((0, 3, 80, 80), np.uint8)
+    source = CropSource(tiles, slides, holdout_share)
+    if holdout_share:
+        holdout = source.slides.heldout(val_patches)
+    if not len(holdout):
+        raise ValueError("no validation patches: give --val, more tiles, or slides of at least 800 rows")
     holdout = np.ascontiguousarray(holdout[:: max(1, len(holdout) // val_patches)][:val_patches])
     model = load_float_model(init_from) if init_from else new_float_model(config)
     if grow_from and not (out / f"{name}.ckpt.safetensors").exists():
         model = grow(model, load_float_model(grow_from))
+    before = (8 * sum(map(len, encode_patches(holdout, model=Path(init_from)))) / holdout.size if init_from
+              else evaluate(model, holdout))
     out.mkdir(parents=True, exist_ok=True)
-    model = train(model, CropSource(tiles, slides), holdout, settings, checkpoint=out / f"{name}.ckpt.safetensors",
-                  device=device, log=log_to(out / f"{name}.log.jsonl"))
+    model = train(model, source, holdout, settings, checkpoint=out / f"{name}.ckpt.safetensors",
+                  device=device, log=_with_progress(log_to(out / f"{name}.log.jsonl"), settings, progress))
     if not export:
         return {"checkpoint": str(out / f"{name}.ckpt.safetensors"), "val_float_bpsp": round(evaluate(model, holdout), 4)}
-    path = export_model(model.cpu(), out, name)
+    path = export_model(model.cpu(), export_dir or out, name)
     coding = load_coding_model(path, "cpu")
     blobs = encode_patches(holdout, model=coding)
     if not np.array_equal(decode_patches(blobs, model=coding), holdout):
         raise RuntimeError(f"{path.name}: the exported coding model does not round-trip exactly")
     return {"model": str(path), "sha256": coding.sha256, "val_patches": len(holdout),
-            "val_float_bpsp": round(evaluate(model, holdout), 4),
+            "val_source": "--val" if val_tiles else "held-out slide rows" if holdout_share else "held-out tiles",
+            "val_bpsp_before": round(before, 4), "before": "bits written by --init-from" if init_from else
+            "float NLL of the untrained model", "val_float_bpsp": round(evaluate(model, holdout), 4),
             "val_coded_bpsp": round(8 * sum(map(len, blobs)) / holdout.size, 4), "round_trip": "exact",
             "tiles": len(tiles), "slides": len(slides)}
+
+
+def _with_progress(log: Callable[[dict], None], settings: TrainSettings,
+                   progress: bool) -> Callable[[dict], None]:
+    """The log, and a progress bar over steps (or minutes) on a terminal showing the validation bits."""
+    if not progress:
+        return log
+    from tqdm import tqdm
+    bar = tqdm(total=settings.steps if not settings.time_limit_s else None, desc="training", unit="step",
+               disable=None)
+    done = [0]
+
+    def write(record: dict) -> None:
+        log(record)
+        step = record.get("step", 0)
+        if record.get("event") == "start":
+            bar.update(step - done[0])
+        elif "val_bpsp" in record:
+            bar.update(step - done[0])
+            bar.set_postfix(val_bpsp=record["val_bpsp"], best=record.get("best_val_bpsp"))
+        done[0] = step
+    return write
