@@ -194,7 +194,8 @@ def test_batch_verify_records_sha256_restorable_and_a_checked_restore(cluster, t
     assert (tif["restorable"], tif["verified"]) == ("no", "pixels")
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the temporary restore is gone
     header = (out / "manifest.csv").read_text().splitlines()[0]
-    assert header.endswith("source_sha256,restorable,verified,seconds,error")
+    assert header.endswith("source_sha256,restorable,verified,model,adapted,seconds,error")
+    assert tif["model"].startswith("fast-") and tif["adapted"] == ""
 
 
 def test_a_dicom_series_folder_is_one_slide_of_the_batch(tmp_path, cluster, capsys):

@@ -319,3 +319,28 @@ print(keep_freed_memory(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - 
     untuned, untuned_faults = run(dict(env, MALLOC_TRIM_THRESHOLD_="131072"))  # set at start: respected
     assert (tuned, untuned) == ("True", "False")
     assert int(faults) * 4 < int(untuned_faults), (faults, untuned_faults)  # freed tensors are reused
+
+
+@pytest.mark.skipif(not (DATA / "slides" / "cmu-1-small-region.svs").is_file(), reason=NO_DATA)
+def test_smallest_of_mode_keeps_jpeg_xl_patches_exact_in_previews_too():
+    """Where lossless JPEG XL is smaller than the IDF (flat and JPEG-marked patches of an unseen slide)
+    it is stored; such patches decode exactly, also in a progressive preview, and are checked."""
+    import tifffile
+    from slides import CMU_SVS
+    from wsi_idf.model.data import grid_patches
+    patches = grid_patches([tifffile.imread(CMU_SVS, level=0)[:800, :1600]])
+    positions = [(0, i // 20, i % 20) for i in range(len(patches))]
+    archive_id = bytes(range(16))
+    with_jxl = encode_patches(patches, positions=positions, archive_id=archive_id)
+    without = encode_patches(patches, positions=positions, archive_id=archive_id, jxl_effort=None)
+    modes = [fmt.unpack(b)[0].mode for b in with_jxl]
+    assert modes.count(fmt.Mode.JXL) >= 5 and all(len(a) <= len(b) for a, b in zip(with_jxl, without))
+    jxl = [i for i, m in enumerate(modes) if m == fmt.Mode.JXL]
+    for levels in (None, 1):
+        decoded = decode_patches(with_jxl, positions=positions, archive_id=archive_id, levels=levels)
+        np.testing.assert_array_equal(decoded[jxl], patches[jxl])
+    np.testing.assert_array_equal(decode_patches(with_jxl, positions=positions, archive_id=archive_id), patches)
+    damaged = bytearray(with_jxl[jxl[0]])
+    damaged[-3] ^= 0x10
+    with pytest.raises(CorruptPatchError):
+        decode_patches([bytes(damaged)], positions=positions[jxl[0]:jxl[0] + 1], archive_id=archive_id)

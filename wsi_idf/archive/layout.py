@@ -310,6 +310,7 @@ def archive_model(path: Path, meta: dict, zarr_format: int):
     weights of that name; None when every level keeps its source tiles (no model is needed)."""
     from ..coding.embedded import load_embedded
     from ..coding.policy import codec_device
+    from ..errors import WsiIdfError
     from ..coding.registry import get_model
     model = meta["model"]
     idf_levels = [i for i, lv in enumerate(meta["levels"]) if lv.get("storage", "idf") == "idf"]
@@ -323,7 +324,10 @@ def archive_model(path: Path, meta: dict, zarr_format: int):
     if not isinstance(payload, dict) or payload.get("sha256") != model["embedded"]:
         raise DamagedArchiveError(f"{path}: level {idf_levels[0]} does not carry the archive's model: the archive "
                                   "is damaged or forged")
-    return load_embedded(payload, model["weights"], str(codec_device()))
+    try:
+        return load_embedded(payload, model["weights"], str(codec_device()))
+    except WsiIdfError as exc:  # the bytes came with the archive: their damage is the archive's
+        raise DamagedArchiveError(f"{path}: level {idf_levels[0]}'s model: {exc}") from None
 
 
 def open_archive(path: str | Path) -> Archive:
@@ -338,6 +342,8 @@ def open_archive(path: str | Path) -> Archive:
     model = meta["model"]
     try:
         coding_model = archive_model(path, meta, fmt)
+    except DamagedArchiveError:
+        raise
     except WsiIdfError as exc:
         raise ArchiveError(f"{path}: cannot load the archive's model: {exc}") from None
     readers, levels = [], []

@@ -24,6 +24,12 @@ from .threads import run_batches, shared_cores, split_batches
 ModelArg = str | Path | CodingModel | None
 T = TypeVar("T")
 DEFAULT_BATCH = 64
+# The per-patch "smallest of" mode also tries lossless JPEG XL at effort 3 where the IDF writes under
+# 3 bits per sub-pixel: measured on 400 patches each (benchmarks/bench_patch_modes.py), JPEG XL wins
+# there on unseen slides (flat and JPEG-marked patches: -0.8% CMU, -2.8% TCGA) for 7-11% of the
+# IDF's encoding time; effort 3 on every patch cost ~20%, effort 4 ~50%; on val it wins nothing.
+JXL_EFFORT = 3
+JXL_BELOW_BITS = 3.0 * fmt.RAW_BYTES  # bits of the IDF form below which JPEG XL is tried
 
 
 def on_cpu(model: CodingModel) -> bool:
@@ -52,10 +58,12 @@ def check_patches(patches: np.ndarray) -> np.ndarray:
 
 def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int = DEFAULT_BATCH,
                    device: str | torch.device | None = "cpu", timings: dict[str, float] | None = None,
-                   positions: Sequence[fmt.Position] | None = None, archive_id: bytes | None = None) -> list[bytes]:
+                   positions: Sequence[fmt.Position] | None = None, archive_id: bytes | None = None,
+                   jxl_effort: int | None = JXL_EFFORT) -> list[bytes]:
     """Encode uint8 patches of shape (N, 3, 80, 80) to one self-describing byte string each.
 
-    Each patch is stored in the smallest of its IDF, deflate and raw forms, so no patch ever
+    Each patch is stored in the smallest of its IDF, lossless JPEG XL (tried at ``jxl_effort`` where
+    the IDF writes under 3 bits per sub-pixel; None: never), deflate and raw forms, so no patch ever
     costs more than raw plus the 17-byte header. ``timings``, when given, accumulates the
     seconds spent in the network (``model_s``) and in entropy coding (``entropy_s``).
     ``positions`` ((pyramid level, chunk row, chunk column) per patch) binds each patch to its
@@ -82,9 +90,12 @@ def encode_patches(patches: np.ndarray, model: ModelArg = None, batch_size: int 
             crc = fmt.pixel_checksum(patches[i], places[i] + (archive_id or b""))
             # deflate costs ~0.4 ms a patch and wins on flat or synthetic content
             plain = fmt.encode_plain(patches[i], coding_model.weights_id, crc, places[i], version)
-            blobs.append(plain if payload is None else
-                         min(fmt.pack(fmt.Mode.IDF, coding_model.weights_id, crc, payload, places[i], version), plain,
-                             key=len))
+            forms = [plain]
+            if payload is not None:  # first: the IDF form wins ties
+                forms.insert(0, fmt.pack(fmt.Mode.IDF, coding_model.weights_id, crc, payload, places[i], version))
+            if jxl_effort is not None and (payload is None or 8 * len(payload) < JXL_BELOW_BITS):
+                forms.append(fmt.encode_jxl(patches[i], coding_model.weights_id, crc, places[i], version, jxl_effort))
+            blobs.append(min(forms, key=len))
         return blobs, t1 - t0, time.perf_counter() - t1
 
     done = in_batches(encode_batch, len(patches), batch_size, coding_model)

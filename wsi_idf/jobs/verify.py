@@ -133,7 +133,26 @@ def check_other_arrays(archive) -> list[str]:
     if stored != sorted(meta["associated"]):
         problems.append(f"associated images stored ({', '.join(stored) or 'none'}) are not those the metadata names "
                         f"({', '.join(meta['associated']) or 'none'})")
-    return problems + check_restore_data(archive)
+    return problems + check_restore_data(archive) + check_embedded_models(archive)
+
+
+def check_embedded_models(archive) -> list[str]:
+    """Each IDF-coded level's carried model decodes to the tensors the archive names (read again, not
+    from this process's cache: another machine has only these bytes)."""
+    from ..archive.reader import read_json
+    from ..coding.embedded import coding_bytes
+    from ..errors import WsiIdfError
+    model, fmt = archive.metadata["model"], FORMATS[archive.zarr_format]
+    problems = []
+    for i, lv in enumerate(archive.metadata["levels"]):
+        if lv.get("storage", "idf") != "idf" or not model.get("embedded"):
+            continue
+        config = fmt.level_codec_config(read_json(archive.path / str(i) / fmt.array_file)) or {}
+        try:
+            coding_bytes(config.get("embedded"))
+        except WsiIdfError as exc:
+            problems.append(f"level {i}'s model: {exc}")
+    return problems
 
 
 def check_stored_bytes(archive) -> list[str]:

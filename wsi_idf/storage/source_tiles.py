@@ -32,7 +32,7 @@ import numpy as np
 
 from ..coding import patch_format as fmt
 from ..errors import CorruptPatchError
-from .stream_headers import HeaderError, check_fits, j2k_size, jpeg_size, jxl_size
+from ..coding.stream_headers import HeaderError, check_fits, j2k_size, jpeg_size, jxl_size
 
 SOURCE_HEADER = struct.Struct("<BBBB")  # kind, colorspace, outcolorspace (255: None), layout
 NO_ID = b"\0\0\0\0"  # source chunks use no model
