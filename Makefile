@@ -8,7 +8,7 @@ DATA ?= $(if $(WSI_IDF_DATA),$(WSI_IDF_DATA),../shared/data)
 SLIDE ?= $(DATA)/slides/cmu-1-small-region.svs
 WSI := $(VENV)/bin/wsi-idf
 
-.PHONY: screenshots bench-serve demo test test-slow bench bench-coders bench-pack bench-region bench-scale bench-progressive ablate train learning-curve clean-venv gpu-wheels gpu-check
+.PHONY: bench-adapt bench-patch-modes screenshots bench-serve demo test test-slow bench bench-coders bench-pack bench-region bench-scale bench-progressive ablate train learning-curve clean-venv gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml wsi_idf/coding/_rans.c
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ bench-progressive: $(STAMP)  ## a 2048x2048 real region from 1, 2, 3 flow levels
 GIGAPIXELS ?= 4
 bench-scale: $(STAMP)  ## a generated 4-gigapixel slide of real tissue: Mpx/s per stage, peak RSS per process
 	$(PY) benchmarks/bench_scale.py --gigapixels $(GIGAPIXELS) --out results
+
+ADAPT_MINUTES ?= 5
+bench-adapt: $(STAMP)  ## unseen slides packed with --adapt 5 and the smallest-of mode vs JPEG XL e9 per patch (~15 min)
+	$(PY) benchmarks/bench_adapt.py --minutes $(ADAPT_MINUTES) --out results
+
+bench-patch-modes: $(STAMP)  ## where the smallest-of mode tries JPEG XL, and at what effort: bytes saved vs time
+	$(PY) benchmarks/bench_patch_modes.py
 
 ablate: $(STAMP)  ## same-budget ablations of model v2 (5 CPU-minutes each, one thread)
 	$(PY) benchmarks/ablate_v2.py --cpu-minutes 5 --out results

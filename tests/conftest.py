@@ -1,7 +1,9 @@
 """Shared fixtures: real H&E patches from ../shared/data (skip with a reason when absent) and hard patches."""
 from __future__ import annotations
 
+import os
 import subprocess
+import tempfile
 
 import numpy as np
 import pytest
@@ -10,6 +12,12 @@ from wsi_idf.model.data import data_dir, grid_patches, load_tiles
 
 DATA = data_dir()
 NO_DATA = f"real H&E data not found at {DATA} (set WSI_IDF_DATA to the shared data folder)"
+
+
+def pytest_configure(config):
+    """The suite never reads or writes the user's own models folder: it gets an empty one of its own
+    (subprocesses inherit it)."""
+    os.environ["WSI_IDF_MODELS"] = tempfile.mkdtemp(prefix="wsi-idf-test-models-")
 
 
 @pytest.fixture(scope="session")

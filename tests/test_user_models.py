@@ -191,3 +191,70 @@ def test_a_forged_payload_in_an_archive_fails_with_one_message(tmp_path, lab_mod
     plain = f"import zarr; zarr.open_array({str(archive / '0')!r}, mode='r')[:, :80, :80]"
     done = subprocess.run([sys.executable, "-c", plain], env=env, capture_output=True, text=True, cwd=REPO)
     assert done.returncode != 0 and "embedded model" in done.stderr
+
+
+# --- adapting the model to the slide --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lossless_slide(tmp_path_factory) -> Path:
+    """A 960x1280 two-level lossless pyramid of real tissue: every level IDF-coded."""
+    folder = tmp_path_factory.mktemp("adapt")
+    return write_pyramidal_tiff(folder / "slide.tif", pyramid(mosaic(960, 1280, seed=21), 2))
+
+
+def test_adapt_steps_is_deterministic_carried_and_reported(tmp_path, lossless_slide, capsys):
+    from wsi_idf.jobs.pack import pack_slide
+    first = pack_slide(lossless_slide, tmp_path / "a.zarr", adapt_steps=4, adapt_seed=3, scheduler="synchronous")
+    second = pack_slide(lossless_slide, tmp_path / "b.zarr", adapt_steps=4, adapt_seed=3, scheduler="synchronous")
+    meta = [json.loads((tmp_path / f"{n}.zarr" / "zarr.json").read_text())["attributes"]["wsi_idf"]["model"]
+            for n in "ab"]
+    assert meta[0]["weights"] == meta[1]["weights"] and meta[0]["adaptation"] == {**meta[1]["adaptation"],
+                                                                                 "seconds": meta[0]["adaptation"]["seconds"]}
+    adaptation = first["adaptation"]
+    assert adaptation["steps"] == 4 and adaptation["heldout_patches"] > 0 and adaptation["seed"] == 3
+    assert (meta[0]["name"] == "fast-adapted") == (adaptation["kept"] == "adapted")
+    assert (adaptation["adapted_bpsp"] < adaptation["base_bpsp"]) == (adaptation["kept"] == "adapted")
+    assert meta[0]["base"]["name"] == "fast"
+    assert main(["info", str(tmp_path / "a.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "adapt     4 steps" in out and "held-out patches" in out and "% of the archive" in out
+    code = ("from wsi_idf.cli import main; import sys; "
+            f"sys.exit(main(['verify', {str(tmp_path / 'a.zarr')!r}, '--source', {str(lossless_slide)!r}, '-q']))")
+    fresh_python(code, tmp_path / "no-models")
+    assert second["adaptation"]["kept"] == adaptation["kept"]
+
+
+def test_a_resumed_adapted_pack_reuses_the_adapted_weights(tmp_path, lossless_slide):
+    from wsi_idf.coding.registry import resolve_model
+    from wsi_idf.jobs.pack import adapted_model, plan_layouts
+    from wsi_idf.slide import open_slide
+    root = tmp_path / "x.zarr.partial"
+    settings = {"budget": None, "steps": 3, "seed": 0}
+    with open_slide(lossless_slide) as slide:
+        layouts = plan_layouts(slide, "auto", 1280, 3)
+        chosen, record = adapted_model(root, slide, layouts, resolve_model("fast"), settings, "cpu")
+        record_file = root / ".wsi-idf-pack" / "model" / "adaptation.json"
+        stamp = record_file.stat().st_mtime_ns
+        again, record_again = adapted_model(root, slide, layouts, resolve_model("fast"), settings, "cpu")
+    assert record_file.stat().st_mtime_ns == stamp and record_again == record  # nothing was trained again
+    assert again.sha256 == chosen.sha256
+
+
+def test_adapt_auto_skips_a_small_slide(tmp_path, lossless_slide):
+    from wsi_idf.jobs.pack import pack_slide
+    from wsi_idf.model.adapt import auto_minutes
+    summary = pack_slide(lossless_slide, tmp_path / "a.zarr", adapt="auto", scheduler="synchronous")
+    assert summary["model"] == "fast" and "too small" in summary["adaptation"]["skipped"]
+    assert auto_minutes(10**7) == 0 and auto_minutes(2 * 10**8) == 2 and auto_minutes(10**10) == 10
+
+
+def test_train_on_slides_without_val_holds_out_rows_and_reports_before_and_after(tmp_path, capsys, monkeypatch,
+                                                                                 lossless_slide):
+    monkeypatch.setenv("WSI_IDF_MODELS", str(tmp_path / "models"))
+    assert main(["train", "lab-slides", "--init-from", "fast", "--data", str(lossless_slide), "--steps", "2",
+                 "--eval-every", "2", "--out", str(tmp_path / "ckpt"), "--json", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["val_source"] == "held-out slide rows" and summary["val_bpsp_before"] > 0
+    assert Path(summary["model"]).parent == tmp_path / "models"
+    assert main(["models", "--json"]) == 0
+    assert any(r["name"] == "lab-slides" for r in json.loads(capsys.readouterr().out))

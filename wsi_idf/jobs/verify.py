@@ -133,7 +133,7 @@ def check_other_arrays(archive) -> list[str]:
     if stored != sorted(meta["associated"]):
         problems.append(f"associated images stored ({', '.join(stored) or 'none'}) are not those the metadata names "
                         f"({', '.join(meta['associated']) or 'none'})")
-    return problems + check_restore_data(archive) + check_embedded_models(archive)
+    return problems + check_restore_data(archive)
 
 
 def check_embedded_models(archive) -> list[str]:
@@ -179,6 +179,9 @@ def verify_archive(path: str | Path, source: str | Path | None = None, backend: 
         archive = open_archive(path)
     except DamagedArchiveError as exc:
         raise VerificationError(f"verification failed: {exc}", problems=[str(exc)]) from None
+    problems = check_embedded_models(archive)  # before workers load the model from these bytes
+    if problems:
+        raise VerificationError(f"{archive.path}: verification failed: {problems[0]}", problems=problems)
     meta = archive.metadata
     job_source, source_levels = None, ()
     if source is not None:
