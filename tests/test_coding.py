@@ -149,7 +149,7 @@ print('ok')
 
 
 @pytest.mark.parametrize("folder, version", [("format_v1", 1), ("format_v2", 2), ("model_v2", 2), ("format_v3", 3),
-                                             ("fast_e02fec51", 3)])
+                                             ("fast_e02fec51", 3), ("patch_jxl", 3)])
 def test_committed_fixture_bytes_decode(tmp_path, folder, version):
     """Bytes written by earlier versions and models decode to the same pixels forever (a promise)."""
     folder = FIXTURES.parent / folder
@@ -159,6 +159,13 @@ def test_committed_fixture_bytes_decode(tmp_path, folder, version):
         assert fmt.unpack(blob)[0].version == version
         if item["source"] == "hard":
             expected = hard_patch(item["kind"], item["seed"])
+        elif item["source"] == "slide":
+            if not (DATA / item["slide"]).is_file():
+                pytest.skip(NO_DATA)
+            import tifffile
+            image = tifffile.imread(DATA / item["slide"], level=0)
+            y, x = item["y"], item["x"]
+            expected = np.ascontiguousarray(image[y:y + 80, x:x + 80].transpose(2, 0, 1))
         else:
             if not (DATA / "tiles").is_dir():
                 pytest.skip(NO_DATA)

@@ -172,7 +172,8 @@ def test_a_source_that_changes_while_packed_is_refused(work, capsys, monkeypatch
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.mark.parametrize("name", ["archive_v2_idf.zarr", "archive_v2_kept.zarr", "archive_v3_kept.zarr"])
+@pytest.mark.parametrize("name", ["archive_v2_idf.zarr", "archive_v2_kept.zarr", "archive_v3_kept.zarr",
+                                  "archive_v4_adapted.zarr"])
 def test_archives_of_earlier_versions_read_and_verify(name, tmp_path, capsys):
     import zarr
     from wsi_idf import open_archive

@@ -258,3 +258,16 @@ def test_train_on_slides_without_val_holds_out_rows_and_reports_before_and_after
     assert Path(summary["model"]).parent == tmp_path / "models"
     assert main(["models", "--json"]) == 0
     assert any(r["name"] == "lab-slides" for r in json.loads(capsys.readouterr().out))
+
+
+def test_the_adapted_fixture_of_wsi_idf_0_6_decodes_in_a_fresh_process_from_its_own_bytes(tmp_path):
+    """``fast-adapted`` exists nowhere but inside the archive (tests/fixtures/make_archive_fixtures.py 4)."""
+    fixture = REPO / "tests" / "fixtures" / "archive_v4_adapted.zarr"
+    meta = json.loads((fixture / "zarr.json").read_text())["attributes"]["wsi_idf"]
+    assert meta["model"]["name"] == "fast-adapted" and meta["format_version"] == 4
+    code = ("import sys, zarr, numpy as np, hashlib; from wsi_idf import open_archive; "
+            f"a = zarr.open_group({str(fixture)!r}, mode='r'); x = a['0'][...]; "
+            f"b = open_archive({str(fixture)!r}); "
+            "print(bool((b.region(0, 0, 0, x.shape[2], x.shape[1]) == x.transpose(1, 2, 0)).all()), "
+            "b.readers[0].model.name)")
+    assert fresh_python(code, tmp_path / "no-models").split() == ["True", "fast-adapted"]
