@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from wsi_idf.archive.layout import archive_sizes, read_attributes
+from wsi_idf.archive.layout import read_metadata
 from wsi_idf.archive.restore import restore_info
 from wsi_idf.outputs import write_atomic
 from wsi_idf.cli import adapt_budget, configure_logging
@@ -92,24 +92,22 @@ def archive_names(slides: Sequence[Path]) -> dict[Path, str]:
 
 def finished_row(slide: Path, out: Path, earlier: dict | None) -> dict:
     """The manifest row of an archive finished by an earlier run, from its own metadata."""
-    attrs, _ = read_attributes(out)
-    meta = attrs["wsi_idf"]
+    meta, _, _ = read_metadata(out)
     source = meta["source"]
     size = sum(f.stat().st_size for f in slide.iterdir() if f.is_file()) if slide.is_dir() else slide.stat().st_size
     if source["name"] != slide.name or source["size"] != size:
         raise WsiIdfError(f"{out} holds another source ({source['name']}, {source['size']} bytes); "
                           "move it away or delete it")
-    return {"slide": str(slide), "archive": str(out), "status": "done", **archive_sizes(out, meta),
+    return {"slide": str(slide), "archive": str(out), "status": "done", **meta.sizes(out),
             "level_storage": ";".join(lv.get("storage", "idf") for lv in meta["levels"]),
             "level_checksums": ";".join(lv["checksum"]["value"] for lv in meta["levels"]),
             "source_sha256": source["sha256"], "restorable": "yes" if restore_info(meta)["restorable"] else "no",
             "verified": (earlier or {}).get("verified", ""), **model_columns(meta), "seconds": (earlier or {}).get("seconds", ""), "error": ""}
 
 
-def model_columns(meta: dict) -> dict:
+def model_columns(meta) -> dict:
     """``model``: the model that coded the slide; ``adapted``: the held-out gain of adapting it, or why not."""
-    from wsi_idf.archive.unpack import model_facts
-    adaptation = model_facts(meta)["adaptation"]
+    adaptation = meta.model_facts()["adaptation"]
     if adaptation is None:
         adapted = ""
     elif adaptation.get("skipped"):
@@ -127,8 +125,8 @@ def verify_row(slide: Path, out: Path, scheduler: str | None) -> str:
     from wsi_idf.archive.restore import restore_file
     from wsi_idf.jobs.verify import verify_archive
     verify_archive(out, source=slide, scheduler=scheduler)
-    attrs, _ = read_attributes(out)
-    if not restore_info(attrs["wsi_idf"])["restorable"]:
+    meta, _, _ = read_metadata(out)
+    if not restore_info(meta)["restorable"]:
         return "pixels"
     restored = out.with_name(f".{out.name}.verify-{uuid.uuid4().hex[:12]}{slide.suffix}")
     try:

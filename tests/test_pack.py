@@ -124,7 +124,7 @@ def test_associated_images_and_preview_need_no_codec(cmu_archive):
     first = preview[datasets[0]["path"]]
     assert max(first.shape[1:]) <= 1024 and first.shape[0] == 3 and len(datasets) >= 2
     assert max(first.shape[1:]) <= 2967 // 8  # a small fraction of level 0, whatever the slide's size
-    from wsi_idf.archive.layout import tree_size
+    from wsi_idf.archive.metadata import tree_size
     assert tree_size(cmu_archive / "preview") < 0.05 * tree_size(cmu_archive / "0")
     thumb = first[...].astype(int).mean(axis=(1, 2))
     assert np.allclose(thumb, slide.read(0, 0, 2967, 0, 2220).reshape(-1, 3).mean(axis=0), atol=2)

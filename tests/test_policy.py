@@ -32,8 +32,8 @@ def test_an_unknown_or_absent_device_is_one_clear_error(monkeypatch):
 
 
 def test_source_lossy_has_one_definition():
-    """pack's summary and info both take ``archive.layout.source_lossy`` (they used to disagree)."""
-    from wsi_idf.archive.layout import source_lossy
+    """pack's summary and info both take ``archive.metadata.source_lossy`` (they used to disagree)."""
+    from wsi_idf.archive.metadata import source_lossy
     jpeg = {"source": {"decoder": {"compression": "JPEG"}, "backend": "tifffile"}, "slide": {"vendor": "aperio"}}
     zlib = {"source": {"decoder": {"compression": "ADOBE_DEFLATE"}, "backend": "tifffile"}, "slide": {"vendor": "tiff"}}
     mrxs = {"source": {"decoder": {}, "backend": "openslide"}, "slide": {"vendor": "mirax"}}

@@ -18,7 +18,7 @@ from wsi_idf.coding import patch_format as fmt
 from wsi_idf.storage import source_tiles
 from wsi_idf.cli import main
 from wsi_idf.errors import CorruptPatchError, VerificationError
-from wsi_idf.archive.layout import tree_size
+from wsi_idf.archive.metadata import tree_size
 from wsi_idf.slide import open_slide
 from wsi_idf.jobs.verify import verify_archive
 

@@ -53,7 +53,7 @@ def write_restore(root: Path, files: list[Path], offsets: dict[str, tuple[np.nda
     read them): ``pieces`` per array path (``pack.piece_record`` lists), the file each array's
     segments live in (``file_of``) and their ``offsets`` (offsets, byte counts) there. Returns the
     summary recorded in the root metadata."""
-    from .layout import tree_size
+    from .metadata import tree_size
     fmt = FORMATS[zarr_format]
     folder = root / RESTORE_GROUP
     entries, skeleton_bytes, count = [], 0, 0

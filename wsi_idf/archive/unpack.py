@@ -116,11 +116,10 @@ def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, 
 
 def archive_info(path: str | Path) -> dict:
     """What an archive holds: source and provenance, levels, model, sizes, physical pixel size."""
-    from .layout import archive_sizes, source_lossy
     from .restore import restore_info
     archive = open_archive(path)
     meta = archive.metadata
-    sizes = archive_sizes(archive.path, meta)
+    sizes = meta.sizes(archive.path)
     coded = sum(lv["encoded_bytes"] for lv in meta["levels"])
     if coded > sizes["archive_bytes"]:  # the metadata would be believed and printed
         from ..errors import DamagedArchiveError
@@ -136,23 +135,5 @@ def archive_info(path: str | Path) -> dict:
             "vendor": slide["vendor"], "icc_profile": bool(slide.get("icc_profile")),
             "associated": meta["associated"], "label_dropped": meta["label_dropped"],
             "properties": len(slide["properties"]), **{k: v for k, v in sizes.items() if k != "source_bytes"},
-            "source_lossy": source_lossy(meta),
-            "restore": restore_info(meta), **model_facts(meta)}
-
-
-def model_facts(meta: dict) -> dict:
-    """The bytes of the model weights the archive carries, and what adapting the model measured
-    (checked: the metadata may be hostile, and these are printed)."""
-    model, idf_levels = meta["model"], sum(1 for lv in meta["levels"] if lv.get("storage", "idf") == "idf")
-    size = model.get("embedded_bytes")
-    adaptation = model.get("adaptation")
-    numbers = ("steps", "seconds", "heldout_patches", "base_bpsp", "adapted_bpsp")
-    if not (isinstance(adaptation, dict) and (isinstance(adaptation.get("skipped"), str) and
-                                              adaptation.get("kept") == "base" or
-                                              adaptation.get("kept") in ("adapted", "base") and
-                                              all(isinstance(adaptation.get(k), (int, float)) and
-                                                  not isinstance(adaptation.get(k), bool) for k in numbers)
-                                              and adaptation["base_bpsp"] > 0)):
-        adaptation = None
-    return {"model_bytes": size * idf_levels if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0,
-            "adaptation": adaptation}
+            "source_lossy": meta.source_lossy,
+            "restore": restore_info(meta), **meta.model_facts()}

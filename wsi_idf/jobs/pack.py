@@ -17,7 +17,8 @@ from pathlib import Path
 
 
 from .._version import __version__
-from ..archive.layout import ARCHIVE_FORMAT, PREVIEW_MAX, archive_sizes, ome_multiscale, source_lossy
+from ..archive.layout import PREVIEW_MAX, ome_multiscale
+from ..archive.metadata import MAX_SHARD, ArchiveMetadata
 from ..storage.zarr_formats import FORMATS
 from .cluster import Runner, runner
 from ..config import PATCH
@@ -36,7 +37,6 @@ from .source_files import check_unchanged, restore_obstacle, source_digests, sou
 
 log = logging.getLogger("wsi_idf")
 
-MAX_SHARD = 5120  # 64 x 64 patches: a 235 MB raw shard at most
 
 
 CODECS = ("auto", "idf", "source")
@@ -223,23 +223,23 @@ def pack_slide(source: str | Path, out: str | Path, *, model: str | Path | None 
             if drop_label:
                 info["properties"] = {k: v for k, v in info["properties"].items()
                                       if not k.startswith("openslide.associated.label.")}
-            from ..archive.integrity import ALGORITHM
-            meta = {"format_version": ARCHIVE_FORMAT, "wsi_idf_version": __version__, "archive_id": archive_id,
-                    "checksums": {"algorithm": ALGORITHM, "arrays": checksums},
-                    "model": {"name": choice.name, "weights": weights,
-                              **({"embedded": embedded["sha256"], "embedded_bytes": len(embedded["data"])}
-                                 if embedded else {}),
-                              **({"base": {"name": base.name, "weights": base.sha256}, "adaptation": adaptation}
-                                 if adaptation else {})},
-                    "source": {"name": source.name, "size": plan["source"]["size"], "sha256": sha256,
-                               "backend": slide.backend, "decoder": info.pop("decoder")},
-                    "slide": info, "levels": level_meta, "skipped_levels": slide.skipped_levels,
-                    "associated": associated, "label_dropped": drop_label and "label" in slide.associated_names(),
-                    "preview": {"path": "preview", "levels": preview_levels}, "restore": restore}
+            meta = ArchiveMetadata.build(
+                archive_id=archive_id, checksums=checksums,
+                model={"name": choice.name, "weights": weights,
+                       **({"embedded": embedded["sha256"], "embedded_bytes": len(embedded["data"])} if embedded else {}),
+                       **({"base": {"name": base.name, "weights": base.sha256}, "adaptation": adaptation}
+                          if adaptation else {})},
+                source={"name": source.name, "size": plan["source"]["size"], "sha256": sha256,
+                        "backend": slide.backend, "decoder": info.pop("decoder")},
+                slide=info, levels=level_meta, skipped_levels=slide.skipped_levels, associated=associated,
+                label_dropped=drop_label and "label" in slide.associated_names(), preview_levels=preview_levels,
+                restore=restore)
             multiscale = ome_multiscale(source.stem, [(str(i), lv.downsample) for i, lv in enumerate(slide.levels)],
                                         slide.info.mpp)
             fmt = FORMATS[zarr_format]
-            fmt.write_group(root, fmt.image_attributes(multiscale, {"wsi_idf": meta}))
+            attributes = fmt.image_attributes(multiscale, {"wsi_idf": meta.to_json()})
+            ArchiveMetadata.parse(attributes, zarr_format, root)  # never write what the readers would refuse
+            fmt.write_group(root, attributes)
             shutil.rmtree(root / RECORDS_DIR, ignore_errors=True)
             (root / PLAN_FILE).unlink(missing_ok=True)
             finish(root, out)
@@ -322,13 +322,12 @@ def finish(root: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def summarize(out: Path, meta: dict, slide: Slide, seconds: float, resumed: bool) -> dict:
-    from ..archive.unpack import model_facts
-    return {"archive": str(out), "source": meta["source"]["name"], "model": meta["model"]["name"], **model_facts(meta),
+def summarize(out: Path, meta: ArchiveMetadata, slide: Slide, seconds: float, resumed: bool) -> dict:
+    return {"archive": str(out), "source": meta["source"]["name"], "model": meta["model"]["name"], **meta.model_facts(),
             "levels": len(meta["levels"]), "skipped_levels": len(meta["skipped_levels"]),
-            **archive_sizes(out, meta), "seconds": round(seconds, 2),
+            **meta.sizes(out), "seconds": round(seconds, 2),
             "storage": [{"storage": lv.get("storage", "idf"), "source_codec": lv.get("source_codec")}
                         for lv in meta["levels"]],
-            "source_lossy": source_lossy(meta),
+            "source_lossy": meta.source_lossy,
             "resumed": resumed, "backend": meta["source"]["backend"], "restorable": bool(meta["restore"].get("restorable")),
             "restore_bytes": meta["restore"].get("stored_bytes", 0), "not_restorable_why": meta["restore"].get("why")}

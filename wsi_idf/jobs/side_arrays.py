@@ -160,7 +160,7 @@ PREVIEW_SHARE = 0.1  # of the levels' bytes: beyond it a zstd preview is left ou
 def drop_costly_preview(root: Path, records: dict[str, dict], preview_levels: int) -> int:
     """Leave out the zstd preview when it would cost more than a tenth of the kept levels (a small
     slide: its own tiles are smaller than the preview's zstd pixels); its preview levels (0 then)."""
-    from ..archive.layout import tree_size
+    from ..archive.metadata import tree_size
     if tree_size(root / "preview") <= PREVIEW_SHARE * sum(r["encoded_bytes"] for r in records.values()):
         return preview_levels
     shutil.rmtree(root / "preview")  # written by this pack, inside its own unfinished archive
