@@ -20,7 +20,8 @@ import torch
 
 from wsi_idf.config import WaveletConfig
 from wsi_idf.model.data import data_dir, grid_patches, load_tiles
-from wsi_idf.model.training import CropSource, TrainSettings, evaluate, train
+from wsi_idf.model.data import CropSource  # noqa: E402
+from wsi_idf.model.training import TrainSettings, evaluate, train
 from wsi_idf.model.wavelet_flow import WaveletIDF
 
 BASE = WaveletConfig(levels=3, width=32, blocks=1, prior_width=32, prior_blocks=1, context_width=0)

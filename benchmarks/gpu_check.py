@@ -53,7 +53,7 @@ def stage_data(data: Path, dest: Path, mosaic_tiles: int = 3) -> None:
     stay comparable), a few MoNuSeg tiles for the generated slide, and the small training sets."""
     from PIL import Image
 
-    from wsi_idf.model.training import find_training_data
+    from wsi_idf.model.data import find_training_data
     tiles, _ = find_training_data([data / "tiles" / "val"])
     holdout = grid_patches(tiles)
     holdout = holdout[:: max(1, len(holdout) // SELECTION)][:SELECTION]

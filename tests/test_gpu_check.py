@@ -13,7 +13,7 @@ import pytest
 
 from conftest import DATA, NO_DATA
 from wsi_idf.model.data import grid_patches
-from wsi_idf.model.training import find_training_data
+from wsi_idf.model.data import find_training_data
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"

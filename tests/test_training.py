@@ -10,7 +10,9 @@ from conftest import DATA, NO_DATA
 from slides import CMU_SVS
 from wsi_idf.cli import main
 from wsi_idf.coding.model_file import load_coding_model
-from wsi_idf.model.training import CropSource, background_mask, find_training_data
+from wsi_idf.model.data import find_training_data
+from wsi_idf.model.data import CropSource
+from wsi_idf.model.training import background_mask
 
 pytestmark = pytest.mark.skipif(not CMU_SVS.exists(), reason=NO_DATA)
 

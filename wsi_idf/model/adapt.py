@@ -99,7 +99,8 @@ def adapt_to_slide(slide, levels: list[int], base_path: Path, base_name: str, ou
     from ..coding.runtime import torch
     from .data import grid_patches
     from .export import export_model, load_float_model
-    from .training import CropSource, TrainSettings, train
+    from .data import CropSource
+    from .training import TrainSettings, train
     t0 = time.monotonic()
     rng = np.random.default_rng(settings.seed)
     regions = slide_regions(slide, levels, TRAIN_REGIONS + HELDOUT_REGIONS, rng)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import WaveletConfig
-from .data import random_crops
+from .data import CropSource, find_training_data
 
 logger = logging.getLogger("wsi_idf.model.training")
 
@@ -55,75 +55,6 @@ def background_mask(patches: np.ndarray) -> np.ndarray:
     brightness = x.mean(axis=(1, 2, 3))
     saturation = (x.max(axis=1) - x.min(axis=1)).mean(axis=(1, 2))
     return (brightness > 215) & (saturation < 18)
-
-
-class SlideCrops:
-    """Random 80x80 crops from the level 0 of slide files (weighted by area), flipped and rotated.
-
-    ``holdout``: the share of each slide's rows (at the bottom) that training never sees; ``heldout``
-    takes validation patches from there."""
-
-    def __init__(self, paths: list[Path], holdout: float = 0.0):
-        from ..slide import open_slide
-        self.slides = [open_slide(p) for p in paths]
-        sizes = np.array([s.levels[0].width * s.levels[0].height for s in self.slides], dtype=np.float64)
-        self.p = sizes / sizes.sum()
-        self.holdout = holdout
-
-    def _split(self, slide) -> int:
-        """The first row of the held-out band of a slide's level 0."""
-        return int(slide.levels[0].height * (1 - self.holdout))
-
-    def heldout(self, count: int, seed: int = 1) -> np.ndarray:
-        """``count`` patches on the 80-px grid of the held-out bands (fixed by ``seed``), as (N, 3, 80, 80)."""
-        from ..config import PATCH
-        rng = np.random.default_rng(seed)
-        out = []
-        for k in rng.choice(len(self.slides), size=count, p=self.p):
-            slide = self.slides[k]
-            lv, top = slide.levels[0], self._split(slide)
-            if lv.height - top < PATCH or lv.width < PATCH:
-                continue
-            y = top + int(rng.integers(0, (lv.height - top) // PATCH)) * PATCH
-            x = int(rng.integers(0, lv.width // PATCH)) * PATCH
-            out.append(slide.read(0, y, y + PATCH, x, x + PATCH).transpose(2, 0, 1))
-        return np.ascontiguousarray(np.stack(out)) if out else np.empty((0, 3, PATCH, PATCH), np.uint8)
-
-    def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
-        from ..config import PATCH
-        out = np.empty((count, 3, PATCH, PATCH), dtype=np.uint8)
-        for i, k in enumerate(rng.choice(len(self.slides), size=count, p=self.p)):
-            slide = self.slides[k]
-            lv = slide.levels[0]
-            rows = self._split(slide) if self.holdout else lv.height
-            y, x = int(rng.integers(0, max(1, rows - PATCH + 1))), int(rng.integers(0, lv.width - PATCH + 1))
-            crop = np.rot90(slide.read(0, y, y + PATCH, x, x + PATCH), k=int(rng.integers(4)))
-            if rng.integers(2):
-                crop = crop[:, ::-1]
-            out[i] = crop.transpose(2, 0, 1)
-        return out
-
-
-class CropSource:
-    """Training crops from tiles and slides, in proportion to their pixel counts."""
-
-    def __init__(self, tiles: list[np.ndarray], slide_paths: list[Path] | None = None, holdout: float = 0.0):
-        self.tiles = tiles
-        self.slides = SlideCrops(slide_paths, holdout) if slide_paths else None
-        tile_px = sum(t.shape[0] * t.shape[1] for t in tiles)
-        slide_px = sum(s.levels[0].width * s.levels[0].height for s in self.slides.slides) if self.slides else 0
-        if tile_px + slide_px == 0:
-            raise ValueError("no training data: no tiles and no slides")
-        self.slide_share = slide_px / (tile_px + slide_px)
-
-    def sample(self, count: int, rng: np.random.Generator, align: int = 1, zoom: float = 0.0) -> np.ndarray:
-        from_slides = int(rng.binomial(count, self.slide_share)) if self.slides else 0
-        parts = []
-        if count - from_slides:
-            parts.append(random_crops(self.tiles, count - from_slides, rng, align, zoom))
-        if from_slides:
-            parts.append(self.slides.sample(from_slides, rng))
-        return np.concatenate(parts)
 
 
 def evaluate(model: torch.nn.Module, patches: np.ndarray, batch_size: int = 64) -> float:
@@ -316,33 +247,6 @@ def log_to(path: str | Path) -> Callable[[dict], None]:
             f.write(json.dumps(record) + "\n")
         logger.info(json.dumps(record))
     return write
-
-
-def find_training_data(folders: list[Path]) -> tuple[list[np.ndarray], list[Path]]:
-    """Tiles (PNG/TIFF/JPEG images) and slide files (SVS, NDPI, MRXS, ...) below ``folders``."""
-    from .data import TILE_SUFFIXES, read_rgb
-    slide_suffixes = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".svslide"}
-    tiles, slides = [], []
-    for folder in folders:
-        paths = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
-        for path in paths:
-            suffix = path.suffix.lower()
-            if suffix in slide_suffixes or (suffix in {".tif", ".tiff"} and _is_pyramid(path)):
-                slides.append(path)
-            elif suffix in TILE_SUFFIXES:
-                image = read_rgb(path)
-                if image is not None and min(image.shape[:2]) >= 80:
-                    tiles.append(image)
-    return tiles, slides
-
-
-def _is_pyramid(path: Path) -> bool:
-    import tifffile
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return len(tif.series[0].levels) > 1 or tif.is_svs
-    except Exception:
-        return False
 
 
 def train_model(name: str, data: list[Path], out: Path, val: list[Path] | None = None,
