@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from wsi_idf.archive.layout import read_metadata
-from wsi_idf.archive.restore import restore_info
 from wsi_idf.outputs import write_atomic
 from wsi_idf.cli import adapt_budget, configure_logging
 from wsi_idf.errors import WsiIdfError
@@ -101,7 +100,7 @@ def finished_row(slide: Path, out: Path, earlier: dict | None) -> dict:
     return {"slide": str(slide), "archive": str(out), "status": "done", **meta.sizes(out),
             "level_storage": ";".join(lv.get("storage", "idf") for lv in meta["levels"]),
             "level_checksums": ";".join(lv["checksum"]["value"] for lv in meta["levels"]),
-            "source_sha256": source["sha256"], "restorable": "yes" if restore_info(meta)["restorable"] else "no",
+            "source_sha256": source["sha256"], "restorable": "yes" if meta.restore_info()["restorable"] else "no",
             "verified": (earlier or {}).get("verified", ""), **model_columns(meta), "seconds": (earlier or {}).get("seconds", ""), "error": ""}
 
 
@@ -126,7 +125,7 @@ def verify_row(slide: Path, out: Path, scheduler: str | None) -> str:
     from wsi_idf.jobs.verify import verify_archive
     verify_archive(out, source=slide, scheduler=scheduler)
     meta, _, _ = read_metadata(out)
-    if not restore_info(meta)["restorable"]:
+    if not meta.restore_info()["restorable"]:
         return "pixels"
     restored = out.with_name(f".{out.name}.verify-{uuid.uuid4().hex[:12]}{slide.suffix}")
     try:

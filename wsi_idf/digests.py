@@ -25,3 +25,14 @@ def region_digest(region: np.ndarray) -> bytes:
 def level_checksum(digests: Sequence[bytes]) -> str:
     """sha256 over the shard digests in C order: computable shard by shard, in parallel."""
     return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def folder_digest(files: list[Path]) -> str:
+    """A multi-file source's sha256: over ``sha256  name`` lines (sha256sum's format), sorted by name."""
+    return combined_digest([file_sha256(p) for p in files], files)
+
+
+def combined_digest(digests: list[str], files: list[Path]) -> str:
+    """``folder_digest`` from the files' sha256s already computed."""
+    lines = sorted(f"{digest}  {p.name}\n" for digest, p in zip(digests, files, strict=True))
+    return hashlib.sha256("".join(lines).encode()).hexdigest()

@@ -84,6 +84,9 @@ class ArchiveMetadata(Mapping):
     def model_facts(self) -> dict:
         return model_facts(self.data)
 
+    def restore_info(self) -> dict:
+        return restore_info(self.data)
+
 
 def _damaged(path: Path, where: str, problem: str) -> ArchiveError:
     return DamagedArchiveError(f"{path}: the archive metadata is damaged or forged: {where} {problem}")
@@ -257,3 +260,11 @@ def model_facts(meta: dict) -> dict:
         adaptation = None
     return {"model_bytes": size * idf_levels if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0,
             "adaptation": adaptation}
+
+
+def restore_info(meta: dict) -> dict:
+    """Whether an archive gives its source back, and why not (from the root metadata)."""
+    info = meta.get("restore")
+    if not isinstance(info, dict):
+        return {"restorable": False, "why": "written before wsi-idf 0.5 (no restore data)"}
+    return info

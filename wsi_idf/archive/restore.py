@@ -53,6 +53,7 @@ def write_restore(root: Path, files: list[Path], offsets: dict[str, tuple[np.nda
     read them): ``pieces`` per array path (``pack.piece_record`` lists), the file each array's
     segments live in (``file_of``) and their ``offsets`` (offsets, byte counts) there. Returns the
     summary recorded in the root metadata."""
+    from ..digests import combined_digest
     from .metadata import tree_size
     fmt = FORMATS[zarr_format]
     folder = root / RESTORE_GROUP
@@ -145,14 +146,6 @@ def _write_array(path: Path, data: np.ndarray, chunks: tuple[int, ...], fmt) -> 
         arr[...] = data
 
 
-def restore_info(meta: dict) -> dict:
-    """Whether an archive gives its source back, and why not (from the root metadata)."""
-    info = meta.get("restore")
-    if not isinstance(info, dict):
-        return {"restorable": False, "why": "written before wsi-idf 0.5 (no restore data)"}
-    return info
-
-
 def restore_file(archive_path: str | Path, out: str | Path, overwrite: bool = False, progress: bool = False) -> dict:
     """Write the archive's source file (or folder, for a multi-file source) to ``out``, byte for byte,
     each file checked against its sha256.
@@ -164,7 +157,7 @@ def restore_file(archive_path: str | Path, out: str | Path, overwrite: bool = Fa
     archive_path, out = Path(archive_path), Path(out)
     archive = open_archive(archive_path)
     meta = archive.metadata
-    info = restore_info(meta)
+    info = meta.restore_info()
     if not info.get("restorable"):
         raise ArchiveError(f"{archive_path}: cannot give its source file back: {info.get('why', 'no restore data')}")
     folder = archive_path / RESTORE_GROUP
@@ -244,7 +237,7 @@ def check_restore_data(archive) -> list[str]:
     """What is damaged in an archive's restore data (each file's skeleton and table against the
     sha256 recorded at pack time), without restoring anything: ``verify`` lists it."""
     import zarr
-    if not restore_info(archive.metadata).get("restorable"):
+    if not archive.metadata.restore_info().get("restorable"):
         return []
     folder = archive.path / RESTORE_GROUP
     try:
@@ -268,19 +261,8 @@ def check_restore_data(archive) -> list[str]:
     return problems
 
 
-def folder_digest(files: list[Path]) -> str:
-    """A multi-file source's sha256: over ``sha256  name`` lines (sha256sum's format), sorted by name."""
-    from ..digests import file_sha256
-    return combined_digest([file_sha256(p) for p in files], files)
-
-
-def combined_digest(digests: list[str], files: list[Path]) -> str:
-    """``folder_digest`` from the files' sha256s already computed."""
-    lines = sorted(f"{digest}  {p.name}\n" for digest, p in zip(digests, files, strict=True))
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
 def _folder_digest(folder: Path) -> str:
+    from ..digests import folder_digest
     return folder_digest([p for p in folder.iterdir() if p.is_file()])
 
 

@@ -116,7 +116,6 @@ def write_region(path: str | Path, out: str | Path, level: int, x: int, y: int, 
 
 def archive_info(path: str | Path) -> dict:
     """What an archive holds: source and provenance, levels, model, sizes, physical pixel size."""
-    from .restore import restore_info
     archive = open_archive(path)
     meta = archive.metadata
     sizes = meta.sizes(archive.path)
@@ -136,4 +135,4 @@ def archive_info(path: str | Path) -> dict:
             "associated": meta["associated"], "label_dropped": meta["label_dropped"],
             "properties": len(slide["properties"]), **{k: v for k, v in sizes.items() if k != "source_bytes"},
             "source_lossy": meta.source_lossy,
-            "restore": restore_info(meta), **meta.model_facts()}
+            "restore": meta.restore_info(), **meta.model_facts()}

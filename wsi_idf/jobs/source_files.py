@@ -18,9 +18,9 @@ def source_stat(files: list[Path]) -> dict:
 
 
 def source_digests(slide: Slide) -> tuple[str, list[str]]:
-    """The source's sha256 (a one-file source's own, or a folder's, ``restore.combined_digest``) and
+    """The source's sha256 (a one-file source's own, or a folder's, ``digests.combined_digest``) and
     each file's: every file is read once, and the restore data reuses them."""
-    from ..archive.restore import combined_digest
+    from ..digests import combined_digest
     digests = [file_sha256(f) for f in slide.files]
     return (digests[0] if slide.files == [slide.path] else combined_digest(digests, slide.files)), digests
 
