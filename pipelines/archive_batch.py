@@ -31,7 +31,7 @@ from pathlib import Path
 
 from wsi_idf.archive.layout import read_metadata
 from wsi_idf.outputs import write_atomic
-from wsi_idf.cli import adapt_budget, configure_logging
+from wsi_idf.cli import add_coding_options, configure_logging
 from wsi_idf.errors import WsiIdfError
 from wsi_idf.jobs.pack import pack_slide, partial_path
 
@@ -247,17 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("source", type=Path, help="a folder of slides, or a CSV with a 'path' column")
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the archives and manifest")
     parser.add_argument("--recursive", action="store_true", help="look for slides in sub-folders too")
-    parser.add_argument("--model", default=None, metavar="NAME|FILE",
-                        help="as `wsi-idf pack --model`: a built-in name, a user model, or a model file")
-    parser.add_argument("--adapt", type=adapt_budget, default=None, metavar="MINUTES|auto",
-                        help="as `wsi-idf pack --adapt`: fine-tune the model on each slide first (auto: by slide size)")
-    parser.add_argument("--adapt-steps", type=int, default=None, metavar="N", help="adapt for exactly N steps")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    parser.add_argument("--drop-label", action="store_true", help="leave out label images (patient identifiers)")
-    parser.add_argument("--codec", choices=["auto", "idf", "source"], default="auto",
-                        help="as `wsi-idf pack --codec`: auto keeps lossy source tiles, IDF for the rest")
-    parser.add_argument("--restorable", action="store_true",
-                        help="as `wsi-idf pack --restorable`: every archive gives its source file back (larger)")
+    add_coding_options(parser)  # as `wsi-idf pack`: --model, --adapt, --device, --codec, --restorable, ...
     parser.add_argument("--verify", action="store_true",
                         help="before a row is marked done: every pixel against the source, and a restorable archive "
                              "restored to a temporary file whose sha256 must be the source's (column 'verified')")
@@ -284,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_scheduler(address)
             rows = run_batch(slides, args.output, address, progress=not args.quiet, verify=args.verify,
                              model=args.model, device=args.device, drop_label=args.drop_label, codec=args.codec,
-                             restorable=args.restorable, adapt=args.adapt, adapt_steps=args.adapt_steps)
+                             restorable=args.restorable, adapt=args.adapt, adapt_steps=args.adapt_steps,
+                             adapt_seed=args.adapt_seed)
     except WsiIdfError as exc:
         print(f"archive_batch: error: {exc}", file=sys.stderr)
         return 1

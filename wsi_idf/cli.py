@@ -65,6 +65,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def add_coding_options(p: argparse.ArgumentParser) -> None:
+    """How slides are coded: the options ``pack`` and the batch job (``pipelines/archive_batch.py``) share."""
+    p.add_argument("--model", default=None, metavar="NAME|FILE",
+                   help="a built-in model, a model in the user models folder, or a model file's path (see `wsi-idf "
+                        "models`; default: fast). The archive carries the model's weights (~0.4 MB per IDF-coded "
+                        "level), so it decodes wherever wsi-idf is installed")
+    p.add_argument("--adapt", type=adapt_budget, default=None, metavar="MINUTES|auto",
+                   help="first fine-tune the model on this slide for MINUTES (wall time, on the coding device), "
+                        "and code with it if it writes fewer bytes on held-out regions of the slide; auto: a "
+                        "budget by slide size (none below 50 Mpx coded with the IDF)")
+    p.add_argument("--adapt-steps", type=_positive_int, default=None, metavar="N",
+                   help="adapt for exactly N steps instead of a time budget: the same weights on every run")
+    p.add_argument("--adapt-seed", type=int, default=0, help="seed of the adaptation (regions, crops; default 0)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
+    p.add_argument("--codec", choices=["auto", "idf", "source"], default="auto",
+                   help="auto (default): keep the slide's own tiles where they are lossy (JPEG, recompressed "
+                        "losslessly with JPEG XL; JPEG 2000 as is), pixel-exact and smaller than the source, and "
+                        "code other levels with the IDF; idf: code every level's pixels with the IDF; source: "
+                        "keep every level's tiles or refuse")
+    p.add_argument("--drop-label", action="store_true", help="leave out the label image (it may carry patient "
+                                                             "identifiers)")
+    p.add_argument("--restorable", action="store_true",
+                   help="also keep the bytes of levels coded from their pixels (deflate, LZW, OpenSlide-read "
+                        "formats), so that `wsi-idf restore` gives the source file back: a larger archive. "
+                        "Archives whose levels all keep their tiles are restorable without it")
+
+
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="Dask scheduler address (tcp://host:port) to use an existing cluster; 'synchronous' runs "
@@ -102,37 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT.partial and finished with --resume.")
     p.add_argument("slide", type=Path, help="the slide file")
     p.add_argument("-o", "--output", type=Path, required=True, help="the archive to write (e.g. slide.zarr)")
-    p.add_argument("--model", default=None, metavar="NAME|FILE",
-                   help="a built-in model, a model in the user models folder, or a model file's path (see `wsi-idf "
-                        "models`; default: fast). The archive carries the model's weights (~0.4 MB per IDF-coded "
-                        "level), so it decodes wherever wsi-idf is installed")
-    p.add_argument("--adapt", type=adapt_budget, default=None, metavar="MINUTES|auto",
-                   help="first fine-tune the model on this slide for MINUTES (wall time, on the coding device), "
-                        "and code with it if it writes fewer bytes on held-out regions of the slide; auto: a "
-                        "budget by slide size (none below 50 Mpx coded with the IDF)")
-    p.add_argument("--adapt-steps", type=_positive_int, default=None, metavar="N",
-                   help="adapt for exactly N steps instead of a time budget: the same weights on every run")
-    p.add_argument("--adapt-seed", type=int, default=0, help="seed of the adaptation (regions, crops; default 0)")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
+    add_coding_options(p)
     p.add_argument("--backend", default="auto", choices=["auto", "tifffile", "openslide"],
                    help="slide reader (auto: tifffile for TIFF-based files, else OpenSlide)")
     p.add_argument("--shard", type=int, default=1280, help="shard side in pixels, a multiple of 80 (default 1280)")
-    p.add_argument("--codec", choices=["auto", "idf", "source"], default="auto",
-                   help="auto (default): keep the slide's own tiles where they are lossy (JPEG, recompressed "
-                        "losslessly with JPEG XL; JPEG 2000 as is), pixel-exact and smaller than the source, and "
-                        "code other levels with the IDF; idf: code every level's pixels with the IDF; source: "
-                        "keep every level's tiles or refuse"),
     p.add_argument("--zarr-format", type=int, choices=[2, 3], default=3,
                    help="3 (default, sharded, OME-NGFF 0.5) or 2 (one file per patch, OME-NGFF 0.4)")
-    p.add_argument("--drop-label", action="store_true", help="leave out the label image (it may carry patient "
-                                                             "identifiers)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing wsi-idf archive, once the new "
                                                             "one is complete (never a file or another folder)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted pack of the same slide")
-    p.add_argument("--restorable", action="store_true",
-                   help="also keep the bytes of levels coded from their pixels (deflate, LZW, OpenSlide-read "
-                        "formats), so that `wsi-idf restore` gives the source file back: a larger archive. "
-                        "Archives whose levels all keep their tiles are restorable without it")
     p.add_argument("--resources", type=_resources, default=None, metavar="NAME=N[,...]",
                    help="run encoding only on Dask workers declaring these resources (e.g. GPU=1; "
                         "implied by --device cuda)")
