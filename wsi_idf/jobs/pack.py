@@ -289,7 +289,7 @@ def run_shards(run: Runner, slide: Slide, root: Path, model: ModelChoice, device
     """Encode every shard not yet recorded; return the records of all shards by name, and the
     seconds per stage summed over the tasks run now with the workers that ran them."""
     job = ShardJob(slide.ref, str(root.resolve()), model.name, model.sha256, device, tuple(layouts), zarr_format,
-                   run.torch_threads, archive_id, str(model.path.resolve()))
+                   run.torch_threads, archive_id)
     records: dict[str, dict] = {}
     todo: list[ShardBox] = []
     for i, (lv, layout) in enumerate(zip(slide.levels, layouts)):

@@ -47,7 +47,6 @@ class ShardJob:
     zarr_format: int
     torch_threads: int
     archive_id: str | None = None  # enters every chunk's checksum (patch format 4)
-    model_file: str | None = None  # the model file (workers share the file system): a lab's own or adapted model
 
 
 def record_path(root: Path, box: ShardBox) -> Path:
@@ -66,7 +65,7 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
     region = cached_slide(job.slide).read(box.level, box.y0, box.y1, box.x0, box.x1)
     patches, present = cut_patches(region, layout.shard)
     device = str(default_device(job.device))
-    model = get_model(Path(job.model_file) if job.model_file else job.model, device, weights=job.weights)
+    model = level_model(root, box.level, job, device)
     timings = {"read_s": time.perf_counter() - t0}
     per_side = layout.shard // PATCH
     cells = [(box.row * per_side + int(r), box.col * per_side + int(c)) for r, c in np.argwhere(present)]
@@ -85,6 +84,19 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
     write_atomic(record_path(root, box), json.dumps(record).encode())
     timings["write_s"] = time.perf_counter() - t1
     return {**record, "timings": timings, "worker": worker_name()}
+
+
+def level_model(root: Path, level: int, job: ShardJob, device: str):
+    """The model a level is coded with, from the tensors its array carries (``coding.embedded``): what
+    readers decode with, found where every worker sees the archive; arrays of archives before format 4
+    name a built-in model instead."""
+    from ..archive.reader import read_json
+    from ..coding.embedded import load_embedded
+    fmt = FORMATS[job.zarr_format]
+    config = fmt.level_codec_config(read_json(root / str(level) / fmt.array_file)) or {}
+    if config.get("embedded") is None:
+        return get_model(job.model, device, weights=job.weights)
+    return load_embedded(config["embedded"], job.weights, device)
 
 
 def keep_source_shard(box: ShardBox, job: ShardJob, layout: LevelLayout) -> dict:
