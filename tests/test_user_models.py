@@ -271,3 +271,11 @@ def test_the_adapted_fixture_of_wsi_idf_0_6_decodes_in_a_fresh_process_from_its_
             "print(bool((b.region(0, 0, 0, x.shape[2], x.shape[1]) == x.transpose(1, 2, 0)).all()), "
             "b.readers[0].model.name)")
     assert fresh_python(code, tmp_path / "no-models").split() == ["True", "fast-adapted"]
+
+
+def test_a_lab_model_writes_within_one_percent_of_its_nll(lab_model, val_patches):
+    from wsi_idf.coding import patch_format as fmt
+    from wsi_idf.coding.batch import ideal_bits
+    blobs = encode_patches(val_patches, model=lab_model, jxl_effort=None)
+    payload = sum(len(b) - fmt.unpack(b)[0].size for b in blobs)
+    assert payload <= 1.01 * ideal_bits(val_patches, model=lab_model).sum() / 8 + 4 * len(blobs)
