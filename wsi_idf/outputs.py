@@ -9,10 +9,9 @@ with one line, before anything is read, written or deleted.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,20 +20,6 @@ from .errors import ArchiveError
 SOFTWARE = "wsi-idf"  # the mark on TIFF and PNG files wsi-idf writes (TIFF Software tag, PNG text)
 PLAN_FILE = ".wsi-idf-pack.json"  # the mark of an unfinished pack
 TEMP_NAME = re.compile(r"^\..+\.\d+\.tmp$")  # write_atomic's temporary names: .{name}.{pid}.tmp
-
-
-def is_archive(path: Path) -> bool:
-    """A finished wsi-idf archive (Zarr v3 or v2 root with wsi-idf attributes)."""
-    try:
-        if (path / "zarr.json").is_file():
-            attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-        elif (path / ".zattrs").is_file():
-            attrs = json.loads((path / ".zattrs").read_text())
-        else:
-            return False
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(attrs, dict) and isinstance(attrs.get("wsi_idf"), dict)
 
 
 def is_unfinished_pack(path: Path) -> bool:
@@ -64,11 +49,13 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def check_output(out: Path, overwrite: bool, kind: str, sources: tuple[Path, ...] = ()) -> None:
+def check_output(out: Path, overwrite: bool, kind: str, sources: tuple[Path, ...] = (),
+                 is_ours: Callable[[Path], bool] | None = None) -> None:
     """Refuse an output path that would destroy something wsi-idf did not write.
 
-    ``kind`` is ``"archive"`` (a folder) or ``"image"`` (a file). ``sources`` (the slide or
-    archive being read) may never be replaced nor lie inside a replaced folder.
+    ``kind`` is ``"archive"`` (a folder; ``is_ours`` tells a finished archive, e.g.
+    ``storage.zarr_formats.is_archive``, which knows the Zarr formats) or ``"image"`` (a file).
+    ``sources`` (the slide or archive being read) may never be replaced nor lie inside a replaced folder.
     """
     for source in sources:
         if source.exists() and (out.resolve() == source.resolve() or _inside(source, out)):
@@ -77,7 +64,9 @@ def check_output(out: Path, overwrite: bool, kind: str, sources: tuple[Path, ...
         return
     if not overwrite:
         raise ArchiveError(f"{out} already exists; pass --overwrite to replace it")
-    ours = is_archive(out) if kind == "archive" else out.is_file() and is_written_image(out)
+    if kind == "archive" and is_ours is None:
+        raise ValueError("check_output needs is_ours to tell an archive")
+    ours = is_ours(out) if kind == "archive" else out.is_file() and is_written_image(out)
     if out.is_symlink() or not ours:
         what = "a wsi-idf archive" if kind == "archive" else "a file written by wsi-idf"
         raise ArchiveError(f"{out} exists and is not {what}; --overwrite only replaces wsi-idf's own outputs, "

@@ -19,7 +19,7 @@ from pathlib import Path
 from .._version import __version__
 from ..archive.layout import PREVIEW_MAX, ome_multiscale
 from ..archive.metadata import MAX_SHARD, ArchiveMetadata
-from ..storage.zarr_formats import FORMATS
+from ..storage.zarr_formats import FORMATS, is_archive
 from .cluster import Runner, runner
 from ..config import PATCH
 from ..errors import ArchiveError, SlideError, WsiIdfError
@@ -82,7 +82,7 @@ def prepare_output(out: Path, plan: dict, overwrite: bool, resume: bool, source:
     from ..archive.integrity import plan_archive_id
     plan["archive_id"] = plan_archive_id(plan)
     partial = partial_path(out)
-    check_output(out, overwrite, "archive", (source,))
+    check_output(out, overwrite, "archive", (source,), is_ours=is_archive)
     if partial.exists() and not is_unfinished_pack(partial):
         raise ArchiveError(f"{partial} exists and is not an unfinished wsi-idf pack; it was left untouched: "
                            "choose another output or move it away yourself")

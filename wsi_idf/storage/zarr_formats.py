@@ -156,6 +156,17 @@ V3 = ZarrFormat(3, "0.5", "zarr.json", "zarr.json", sharded=True)
 FORMATS = {2: V2, 3: V3}
 
 
+def is_archive(path: Path) -> bool:
+    """A finished wsi-idf archive: a Zarr v3 or v2 group whose attributes hold wsi-idf's (what
+    ``--overwrite`` may replace, and what the catalog lists)."""
+    fmt = detect(path)
+    try:
+        attrs = fmt.attributes(json.loads((path / fmt.root_file).read_text())) if fmt else None
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(attrs, dict) and isinstance(attrs.get("wsi_idf"), dict)
+
+
 def detect(path: Path) -> ZarrFormat | None:
     """The format of a group by its metadata file (None: neither)."""
     for fmt in (V3, V2):

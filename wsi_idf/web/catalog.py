@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ArchiveError
-from ..outputs import is_archive
+from ..storage.zarr_formats import is_archive
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_DEPTH = 8
