@@ -24,9 +24,9 @@ def cmd_models(args: argparse.Namespace) -> int:
              "weights": e.weights, "installed": (WEIGHTS_DIR / e.weights).exists(), "config": asdict(e.config),
              "description": e.description, "measured": asdict(e.measured) if e.measured else None}
             for e in (*MODELS.values(), *RETIRED)]
-    rows += [{"name": m.name, "default": False, "status": f"user model in {user_models_dir()}",
-              "weights": m.path.name, "installed": True, "config": None, "description": f"a lab's own model ({m.path})",
-              "measured": None} for m in user_models()]
+    rows += [{"name": name, "default": False, "status": f"user model in {user_models_dir()}",
+              "weights": path.name, "installed": True, "config": None, "description": f"a lab's own model ({path})",
+              "measured": None} for name, path in user_models()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

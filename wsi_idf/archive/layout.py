@@ -70,9 +70,10 @@ def read_metadata(path: str | Path) -> tuple[ArchiveMetadata, dict, int]:
 
 
 def check_level_array(path: Path, level: int, lv: dict, model: dict, zarr_format: int,
-                      archive: str | None = None) -> None:
+                      archive: str | None = None) -> dict | None:
     """A level's own array metadata (what zarr reads) must be what the archive attributes describe:
-    sizes come from the arrays, and the codec, its weights and the shard layout are wsi-idf's."""
+    sizes come from the arrays, and the codec, its weights and the shard layout are wsi-idf's.
+    Returns the model the level carries (its hash checked against the root's), or None."""
     fmt = FORMATS[zarr_format]
     folder = path / str(level)
     meta = read_json(folder / fmt.array_file)
@@ -89,6 +90,7 @@ def check_level_array(path: Path, level: int, lv: dict, model: dict, zarr_format
             raise DamagedArchiveError(f"{folder}: the level's array metadata ({key}) disagrees with the archive's "
                                       f"({str(meta.get(key))[:80]} vs {str(value)[:80]}): the archive is damaged or "
                                       "forged")
+    return embedded
 
 
 @dataclass
@@ -144,29 +146,22 @@ class Archive:
         return zarr.open_array(self.path / str(level), mode="r")
 
 
-def archive_model(path: Path, meta: ArchiveMetadata, zarr_format: int):
-    """The archive's coding model: the tensors its IDF-coded levels carry (format 4), else the package's
-    weights of that name; None when every level keeps its source tiles (no model is needed)."""
-    from ..coding.embedded import load_embedded
+def archive_model(meta: ArchiveMetadata, carried: list[dict | None]):
+    """The archive's coding model, from what its first IDF-coded level carries (``carried``: each level's,
+    checked by ``check_level_array``) or, before format 4, the package's weights of that name; None when
+    every level keeps its source tiles (no model is needed)."""
+    from ..coding.embedded import configured_model
     from ..coding.policy import codec_device
     from ..errors import WsiIdfError
-    from ..coding.registry import get_model
-    model = meta["model"]
-    idf_levels = meta.idf_levels
-    if not idf_levels:
+    if not meta.idf_levels:
         return None
-    if not model.get("embedded"):
-        return get_model(model["name"], weights=model["weights"])
-    fmt = FORMATS[zarr_format]
-    config = fmt.level_codec_config(read_json(path / str(idf_levels[0]) / fmt.array_file)) or {}
-    payload = config.get("embedded")
-    if not isinstance(payload, dict) or payload.get("sha256") != model["embedded"]:
-        raise DamagedArchiveError(f"{path}: level {idf_levels[0]} does not carry the archive's model: the archive "
-                                  "is damaged or forged")
+    first, model = meta.idf_levels[0], meta["model"]
     try:
-        return load_embedded(payload, model["weights"], str(codec_device()))
-    except WsiIdfError as exc:  # the bytes came with the archive: their damage is the archive's
-        raise DamagedArchiveError(f"{path}: level {idf_levels[0]}'s model: {exc}") from None
+        return configured_model(model["name"], model["weights"], carried[first], str(codec_device()))
+    except WsiIdfError as exc:
+        if carried[first] is None:
+            raise
+        raise DamagedArchiveError(f"level {first}'s model: {exc}") from None  # it came with the archive
 
 
 def open_archive(path: str | Path) -> Archive:
@@ -177,16 +172,16 @@ def open_archive(path: str | Path) -> Archive:
     from .reader import LevelReader
     path = Path(path)
     meta, attrs, fmt = read_metadata(path)
-    model = meta["model"]
+    carried = [check_level_array(path, i, lv, meta["model"], fmt, meta.get("archive_id"))
+               for i, lv in enumerate(meta["levels"])]
     try:
-        coding_model = archive_model(path, meta, fmt)
-    except DamagedArchiveError:
-        raise
+        coding_model = archive_model(meta, carried)
+    except DamagedArchiveError as exc:
+        raise DamagedArchiveError(f"{path}: {exc}") from None
     except WsiIdfError as exc:
         raise ArchiveError(f"{path}: cannot load the archive's model: {exc}") from None
     readers, levels = [], []
     for i, lv in enumerate(meta["levels"]):
-        check_level_array(path, i, lv, model, fmt, meta.get("archive_id"))
         shard = lv["shard"] if FORMATS[fmt].sharded else PATCH  # v2: one file per chunk
         reader = LevelReader(path / str(i), i, lv["height"], lv["width"], shard, fmt, coding_model,
                              bound=meta["format_version"] >= 2, storage=lv.get("storage", "idf"),

@@ -48,12 +48,6 @@ def payload_for_file(path: Path, sha256: str) -> dict:
             "data": base64.b64encode(packed).decode("ascii")}
 
 
-def payload_digest(payload: dict) -> str:
-    """The sha256 of the coding tensors a payload carries (as recorded; checked when loaded)."""
-    check_payload(payload)
-    return payload["sha256"]
-
-
 def check_payload(payload: object) -> dict:
     """The shape of an ``embedded`` entry, checked without decoding it."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -82,6 +76,16 @@ def coding_bytes(payload: dict) -> bytes:
     if hashlib.sha256(data).hexdigest() != payload["sha256"]:
         raise WsiIdfError("embedded model's bytes do not match its sha256: the array metadata is damaged")
     return data
+
+
+def configured_model(name: str, weights: str, payload: dict | None, device: str = "cpu") -> CodingModel:
+    """The model an array's codec configuration names: the tensors it carries, else (configurations of
+    wsi-idf 0.5 and older) the installed weights of that name. The one way codecs, readers and pack
+    workers turn a configuration into a model."""
+    if payload is None:
+        from .registry import get_model
+        return get_model(name, device, weights=weights)
+    return load_embedded(payload, weights, device)
 
 
 def load_embedded(payload: dict, weights: str, device: str = "cpu") -> CodingModel:

@@ -230,7 +230,7 @@ def check_config_bounds(cfg: IDFConfig | WaveletConfig, where: str) -> None:
 
 
 def smoke_test(model: CodingModel) -> None:
-    """One patch of every value range forward and back: a model whose layers do not fit together fails here."""
+    """One random patch through the forward flow: a model whose layers do not fit together fails here."""
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.integers(0, 256, (1, 3, 80, 80), dtype=np.uint8))
     outs, priors, top = model.flow.forward(x)

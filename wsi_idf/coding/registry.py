@@ -155,15 +155,16 @@ def resolve_model(model: str | Path | None = None) -> ModelChoice:
     return ModelChoice(name, path, file_sha256(path), False)
 
 
-def user_models() -> list[ModelChoice]:
-    """The models in the user models folder, newest first per name (hashes are checked when one is used)."""
+def user_models() -> list[tuple[str, Path]]:
+    """(name, file) of the models in the user models folder, newest first per name (hashes are checked
+    when one is used)."""
     folder = user_models_dir()
     found = []
     for path in sorted(folder.glob("*-*.safetensors")) if folder.is_dir() else []:
         name = path.name[:-len(".safetensors")].rsplit("-", 1)[0]
         if _NAME.fullmatch(name) and _user_file_name(path.name, name) and path.is_file() and not path.is_symlink():
-            found.append(ModelChoice(name, path, path.name.rsplit("-", 1)[1][:8], False))
-    return sorted(found, key=lambda m: (m.name, -m.path.stat().st_mtime))
+            found.append((name, path))
+    return sorted(found, key=lambda m: (m[0], -m[1].stat().st_mtime))
 
 
 def _user_file_name(file_name: str, name: str) -> bool:

@@ -2,6 +2,7 @@
 the source's own tiles, and writing the whole shard object and its record. Workers import this."""
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -11,7 +12,6 @@ import numpy as np
 
 from ..config import PATCH
 from ..coding.policy import default_device, encode_batch_size
-from ..coding.registry import get_model
 from ..digests import region_digest
 from ..errors import SlideError
 from ..slide import SlideRef, cached_slide
@@ -88,15 +88,18 @@ def encode_shard(box: ShardBox, job: ShardJob) -> dict:
 
 def level_model(root: Path, level: int, job: ShardJob, device: str):
     """The model a level is coded with, from the tensors its array carries (``coding.embedded``): what
-    readers decode with, found where every worker sees the archive; arrays of archives before format 4
-    name a built-in model instead."""
+    readers decode with, found where every worker sees the archive."""
+    from ..coding.embedded import configured_model
+    array_file = root / str(level) / FORMATS[job.zarr_format].array_file
+    payload = _carried_payload(str(array_file), array_file.stat().st_mtime_ns, job.zarr_format)
+    return configured_model(job.model, job.weights, payload, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _carried_payload(array_file: str, mtime_ns: int, zarr_format: int) -> dict | None:
+    """A level array's carried model, read once per worker process (each task would parse ~0.4 MB of JSON)."""
     from ..archive.reader import read_json
-    from ..coding.embedded import load_embedded
-    fmt = FORMATS[job.zarr_format]
-    config = fmt.level_codec_config(read_json(root / str(level) / fmt.array_file)) or {}
-    if config.get("embedded") is None:
-        return get_model(job.model, device, weights=job.weights)
-    return load_embedded(config["embedded"], job.weights, device)
+    return (FORMATS[zarr_format].level_codec_config(read_json(Path(array_file))) or {}).get("embedded")
 
 
 def keep_source_shard(box: ShardBox, job: ShardJob, layout: LevelLayout) -> dict:

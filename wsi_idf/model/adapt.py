@@ -63,6 +63,7 @@ class Adaptation:
 def slide_regions(slide, levels: list[int], count: int, rng: np.random.Generator) -> list[np.ndarray]:
     """``count`` regions of up to REGION px from ``levels`` of ``slide`` (weighted by area), preferring
     tissue: of three candidates the one with the least background is read."""
+    from .data import grid_patches
     from .training import background_mask
     sizes = np.array([slide.levels[i].width * slide.levels[i].height for i in levels], dtype=np.float64)
     regions = []
@@ -76,7 +77,6 @@ def slide_regions(slide, levels: list[int], count: int, rng: np.random.Generator
                 continue
             y, x = int(rng.integers(0, lv.height - h + 1)), int(rng.integers(0, lv.width - w + 1))
             region = slide.read(lv_index, y, y + h, x, x + w)
-            from .data import grid_patches
             patches = grid_patches([region])
             background = float(background_mask(patches).mean()) if len(patches) else 1.0
             if background < best_background:

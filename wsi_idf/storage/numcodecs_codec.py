@@ -16,8 +16,8 @@ from ..errors import CorruptPatchError, InvalidPatchError, WeightsMismatchError
 from ..coding import patch_format as fmt
 from ..coding.patch_format import RAW_BYTES
 from ..coding.policy import codec_device
-from ..coding.embedded import check_payload, load_embedded, payload_for_file
-from ..coding.registry import DEFAULT_MODEL, check_model_name, check_weights_id, get_model, resolve_model
+from ..coding.embedded import check_payload, configured_model, payload_for_file
+from ..coding.registry import DEFAULT_MODEL, check_model_name, check_weights_id, resolve_model
 
 if TYPE_CHECKING:  # the batch API (torch) is imported when a patch is coded: kept source tiles need none
     from ..coding.model_file import CodingModel
@@ -92,10 +92,7 @@ class WsiIdf(Codec):
     def _coding_model(self) -> CodingModel:
         """The loaded model, pinned to the configured weights, on ``WSI_IDF_DEVICE``."""
         if self._model is None:
-            if self.embedded is not None:
-                self._model = load_embedded(self.embedded, self.weights, str(codec_device()))
-            else:
-                self._model = get_model(self.model, codec_device(), weights=self.weights)
+            self._model = configured_model(self.model, self.weights, self.embedded, str(codec_device()))
         return self._model
 
     def encode(self, buf) -> bytes:
