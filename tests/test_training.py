@@ -113,3 +113,14 @@ def test_zoomed_crops_are_pyramid_means_and_zoom_zero_draws_as_before():
     flat = np.zeros((400, 400, 3), np.uint8)
     flat[::2, ::2] = 3  # 2x2 means of (3, 0, 0, 0) round half up to 1
     assert (random_crops([flat], 8, np.random.default_rng(2), zoom=1.0) == 1).all()
+
+
+def test_unaugmented_crops_on_the_patch_grid_are_the_patches_a_slide_is_coded_as():
+    """Adaptation trains on what it codes: corners on the 80-px grid, no flips or rotations."""
+    from wsi_idf.model.data import grid_patches, random_crops
+    tile = np.random.default_rng(0).integers(0, 256, (400, 480, 3), dtype=np.uint8)
+    grid = {p.tobytes() for p in grid_patches([tile])}
+    crops = random_crops([tile], 16, np.random.default_rng(3), align=80, augment=False)
+    assert all(c.tobytes() in grid for c in crops)
+    assert not all(c.tobytes() in grid for c in random_crops([tile], 16, np.random.default_rng(3), align=80))
+

@@ -224,6 +224,19 @@ def test_adapt_steps_is_deterministic_carried_and_reported(tmp_path, lossless_sl
     assert second["adaptation"]["kept"] == adaptation["kept"]
 
 
+def test_adaptation_regions_sit_on_the_grid_the_level_is_coded_on(lossless_slide):
+    """Adaptation learns the phase it codes: every region is made of the level's own grid patches."""
+    from wsi_idf.model.adapt import slide_regions
+    from wsi_idf.model.data import grid_patches
+    from wsi_idf.slide import open_slide
+    with open_slide(lossless_slide) as slide:
+        for level in range(len(slide.levels)):
+            lv = slide.levels[level]
+            coded = {p.tobytes() for p in grid_patches([slide.read(level, 0, lv.height, 0, lv.width)])}
+            regions = slide_regions(slide, [level], 4, np.random.default_rng(level))
+            assert regions and all(p.tobytes() in coded for p in grid_patches(regions))
+
+
 def test_a_resumed_adapted_pack_reuses_the_adapted_weights(tmp_path, lossless_slide):
     from wsi_idf.coding.registry import resolve_model
     from wsi_idf.jobs.pack import adapted_model, plan_layouts

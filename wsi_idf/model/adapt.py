@@ -32,6 +32,13 @@ TRAIN_REGIONS, HELDOUT_REGIONS = 48, 12
 ADAPT_LR = 1e-2
 ADAPT_BATCH = 16
 EVAL_EVERY = 25
+# Regions sit on the 80-px grid the level is coded on and training crops on its 8-px subgrid, unflipped:
+# the model learns the phase it codes (the 5/3 lifting's even/odd samples, JPEG's 8x8 blocks, the
+# scanner's orientation). Measured, 2.5 minutes, held-out bits saved on CMU / TCGA: random corners,
+# flips and rotations (as the base model trains) 3.1% / 6.4%; on the grid, unflipped 5.8% / 13.8%;
+# on the grid with flips 0.8% / 5.8% (a loaded machine, fewer steps); cosine decay of the rate over
+# the budget 4.6% / 12.7%; a float first 60% then QAT 5.2% / 12.5%; lr 2e-2 worse than 1e-2.
+CROP_GRID = 8
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,8 @@ class Adaptation:
 
 
 def slide_regions(slide, levels: list[int], count: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """``count`` regions of up to REGION px from ``levels`` of ``slide`` (weighted by area), preferring
-    tissue: of three candidates the one with the least background is read."""
+    """``count`` regions of up to REGION px on the patch grid of ``levels`` of ``slide`` (weighted by area),
+    preferring tissue: of three candidates the one with the least background is read."""
     from .data import grid_patches
     from .training import background_mask
     sizes = np.array([slide.levels[i].width * slide.levels[i].height for i in levels], dtype=np.float64)
@@ -75,7 +82,8 @@ def slide_regions(slide, levels: list[int], count: int, rng: np.random.Generator
             h, w = min(REGION, lv.height), min(REGION, lv.width)
             if h < PATCH or w < PATCH:
                 continue
-            y, x = int(rng.integers(0, lv.height - h + 1)), int(rng.integers(0, lv.width - w + 1))
+            y = PATCH * int(rng.integers(0, (lv.height - h) // PATCH + 1))  # on the grid the level is coded on
+            x = PATCH * int(rng.integers(0, (lv.width - w) // PATCH + 1))
             region = slide.read(lv_index, y, y + h, x, x + w)
             patches = grid_patches([region])
             background = float(background_mask(patches).mean()) if len(patches) else 1.0
@@ -120,7 +128,7 @@ def adapt_to_slide(slide, levels: list[int], base_path: Path, base_name: str, ou
     train_settings = TrainSettings(steps=settings.steps or 10**9, batch_size=ADAPT_BATCH, lr=ADAPT_LR, warmup=10,
                                    lr_half_life=10**9, ema_decay=0.98, quantize_from=0,
                                    eval_every=min(EVAL_EVERY, settings.steps or EVAL_EVERY), seed=settings.seed,
-                                   time_limit_s=limit)
+                                   time_limit_s=limit, align=CROP_GRID, augment=False)
     steps = []
     adapted = train(float_model, CropSource(train_regions), heldout, train_settings, device=settings.device,
                     log=lambda record: steps.append(record.get("step", 0)))

@@ -58,13 +58,14 @@ def grid_patches(tiles: list[np.ndarray], limit: int | None = None) -> np.ndarra
 
 
 def random_crops(tiles: list[np.ndarray], count: int, rng: np.random.Generator, align: int = 1,
-                 zoom: float = 0.0) -> np.ndarray:
+                 zoom: float = 0.0, augment: bool = True) -> np.ndarray:
     """Random 80x80 crops with random flips and 90-degree rotations, as (count, 3, 80, 80) uint8.
 
     ``align`` puts crop corners on that grid (8: the JPEG block grid, which a multiple-of-8 patch
     keeps under flips and rotations). ``zoom`` is the share of crops taken at half resolution: a
     160x160 crop averaged over 2x2 pixels, as a pyramid's next level is made (archives code every
-    level, and it doubles the variety of a small training set). ``zoom=0`` draws exactly as before."""
+    level, and it doubles the variety of a small training set). ``zoom=0`` draws exactly as before.
+    ``augment=False``: no flips or rotations (crops exactly as a slide's patches are coded)."""
     sizes = np.array([t.shape[0] * t.shape[1] for t in tiles], dtype=np.float64)
     picks = rng.choice(len(tiles), size=count, p=sizes / sizes.sum())
     out = np.empty((count, 3, PATCH, PATCH), dtype=np.uint8)
@@ -76,9 +77,10 @@ def random_crops(tiles: list[np.ndarray], count: int, rng: np.random.Generator, 
         crop = tile[y:y + side, x:x + side]
         if side != PATCH:
             crop = halve(crop)
-        crop = np.rot90(crop, k=int(rng.integers(4)))
-        if rng.integers(2):
-            crop = crop[:, ::-1]
+        if augment:
+            crop = np.rot90(crop, k=int(rng.integers(4)))
+            if rng.integers(2):
+                crop = crop[:, ::-1]
         out[i] = crop.transpose(2, 0, 1)
     return out
 
@@ -168,11 +170,12 @@ class CropSource:
             raise ValueError("no training data: no tiles and no slides")
         self.slide_share = slide_px / (tile_px + slide_px)
 
-    def sample(self, count: int, rng: np.random.Generator, align: int = 1, zoom: float = 0.0) -> np.ndarray:
+    def sample(self, count: int, rng: np.random.Generator, align: int = 1, zoom: float = 0.0,
+               augment: bool = True) -> np.ndarray:
         from_slides = int(rng.binomial(count, self.slide_share)) if self.slides else 0
         parts = []
         if count - from_slides:
-            parts.append(random_crops(self.tiles, count - from_slides, rng, align, zoom))
+            parts.append(random_crops(self.tiles, count - from_slides, rng, align, zoom, augment))
         if from_slides:
             parts.append(self.slides.sample(from_slides, rng))
         return np.concatenate(parts)

@@ -39,6 +39,7 @@ class TrainSettings:
     align: int = 1  # crop corners on this grid (8: the JPEG block grid most slides were scanned with)
     zoom: float = 0.0  # share of tile crops taken at half resolution (2x2 means: a pyramid level's statistics)
     background_weight: float = 0.25  # loss weight of background crops: archives hold them, but they are easy
+    augment: bool = True  # random flips and 90-degree rotations (off: crops exactly as a slide is coded)
 
     def lr_at(self, step: int) -> float:
         return max(self.lr_min, self.lr * 0.5 ** (step / self.lr_half_life)) * min(1.0, (step + 1) / self.warmup)
@@ -117,7 +118,7 @@ def train(model: torch.nn.Module, tiles: list[np.ndarray] | CropSource, val_patc
         lr = settings.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        crops = source.sample(settings.batch_size, rng, settings.align, settings.zoom)
+        crops = source.sample(settings.batch_size, rng, settings.align, settings.zoom, settings.augment)
         weights = torch.from_numpy(np.where(background_mask(crops), settings.background_weight, 1.0)).to(device)
         nll, _ = model(torch.from_numpy(crops).to(device))
         loss = (model.bits_per_subpixel(nll) * weights).sum() / weights.sum()
