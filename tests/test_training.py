@@ -124,3 +124,18 @@ def test_unaugmented_crops_on_the_patch_grid_are_the_patches_a_slide_is_coded_as
     assert all(c.tobytes() in grid for c in crops)
     assert not all(c.tobytes() in grid for c in random_crops([tile], 16, np.random.default_rng(3), align=80))
 
+
+
+def test_fused_activation_rounding_equals_the_straight_through_formula():
+    """Training's activation rounding (one autograd function) gives the values and gradients of
+    clamp -> round to the grid with a straight-through gradient, which the integer export mirrors."""
+    import torch
+    from wsi_idf.config import ACT_LEVELS, ACT_MAX
+    from wsi_idf.model.flow import quant_act
+    x = (torch.randn(4, 8, 12, 12, generator=torch.Generator().manual_seed(0)) * 4).requires_grad_()
+    y = x.clamp(0.0, ACT_MAX)
+    reference = y + (torch.round(y / (ACT_MAX / ACT_LEVELS)) * (ACT_MAX / ACT_LEVELS) - y).detach()
+    fused = quant_act(x)
+    assert torch.equal(fused, reference)
+    g = torch.randn_like(x)
+    assert torch.equal(torch.autograd.grad(fused, x, g)[0], torch.autograd.grad(reference, x, g)[0])

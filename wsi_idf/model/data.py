@@ -143,7 +143,7 @@ class SlideCrops:
             out.append(slide.read(0, y, y + PATCH, x, x + PATCH).transpose(2, 0, 1))
         return np.ascontiguousarray(np.stack(out)) if out else np.empty((0, 3, PATCH, PATCH), np.uint8)
 
-    def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
+    def sample(self, count: int, rng: np.random.Generator, augment: bool = True) -> np.ndarray:
         from ..config import PATCH
         out = np.empty((count, 3, PATCH, PATCH), dtype=np.uint8)
         for i, k in enumerate(rng.choice(len(self.slides), size=count, p=self.p)):
@@ -151,9 +151,11 @@ class SlideCrops:
             lv = slide.levels[0]
             rows = self._split(slide) if self.holdout else lv.height
             y, x = int(rng.integers(0, max(1, rows - PATCH + 1))), int(rng.integers(0, lv.width - PATCH + 1))
-            crop = np.rot90(slide.read(0, y, y + PATCH, x, x + PATCH), k=int(rng.integers(4)))
-            if rng.integers(2):
-                crop = crop[:, ::-1]
+            crop = slide.read(0, y, y + PATCH, x, x + PATCH)
+            if augment:
+                crop = np.rot90(crop, k=int(rng.integers(4)))
+                if rng.integers(2):
+                    crop = crop[:, ::-1]
             out[i] = crop.transpose(2, 0, 1)
         return out
 
@@ -177,5 +179,5 @@ class CropSource:
         if count - from_slides:
             parts.append(random_crops(self.tiles, count - from_slides, rng, align, zoom, augment))
         if from_slides:
-            parts.append(self.slides.sample(from_slides, rng))
+            parts.append(self.slides.sample(from_slides, rng, augment))
         return np.concatenate(parts)
