@@ -10,8 +10,7 @@ from conftest import DATA, NO_DATA
 from slides import CMU_SVS
 from wsi_idf.cli import main
 from wsi_idf.coding.model_file import load_coding_model
-from wsi_idf.model.data import find_training_data
-from wsi_idf.model.data import CropSource
+from wsi_idf.model.data import CropSource, find_training_data
 from wsi_idf.model.training import background_mask
 
 pytestmark = pytest.mark.skipif(not CMU_SVS.exists(), reason=NO_DATA)
@@ -81,7 +80,6 @@ def test_recipe_float_then_quantized_with_ema_and_resumable_optimizer(tmp_path):
     assert not torch.equal(load_file(str(ckpt))["optim.0.exp_avg"], moments)
 
 
-
 def test_grow_starts_a_larger_model_as_the_trained_smaller_one(val_patches, tmp_path):
     """Added residual blocks start as no change (the NLL is identical); an added level starts as the
     plain 5/3 wavelet under a fresh prior, and the grown model still exports to an exact coder."""
@@ -125,7 +123,6 @@ def test_unaugmented_crops_on_the_patch_grid_are_the_patches_a_slide_is_coded_as
     assert not all(c.tobytes() in grid for c in random_crops([tile], 16, np.random.default_rng(3), align=80))
 
 
-
 def test_fused_activation_rounding_equals_the_straight_through_formula():
     """Training's activation rounding (one autograd function) gives the values and gradients of
     clamp -> round to the grid with a straight-through gradient, which the integer export mirrors."""
@@ -137,5 +134,7 @@ def test_fused_activation_rounding_equals_the_straight_through_formula():
     reference = y + (torch.round(y / (ACT_MAX / ACT_LEVELS)) * (ACT_MAX / ACT_LEVELS) - y).detach()
     fused = quant_act(x)
     assert torch.equal(fused, reference)
+    with torch.no_grad():  # evaluation takes the path without the backward mask
+        assert torch.equal(quant_act(x), reference)
     g = torch.randn_like(x)
     assert torch.equal(torch.autograd.grad(fused, x, g)[0], torch.autograd.grad(reference, x, g)[0])

@@ -28,9 +28,6 @@ from .reader import CheckedLevel, read_json, read_small_array
 from ..storage.zarr_formats import FORMATS, detect
 from .metadata import ArchiveMetadata
 
-# 3: wsi-idf 0.5: restore data, kept NDPI intervals and DICOM frames (older wsi-idf refuses it by
-# name instead of calling new chunk kinds damage); 2: patches bound to their positions (patch format 3,
-# wsi-idf 0.3-0.4); 1: wsi-idf 0.1-0.2
 PREVIEW_MAX = 1024  # longest side of the preview's first level
 PREVIEW_MIN = 256
 

@@ -17,6 +17,9 @@ from ..config import PATCH
 from ..errors import ArchiveError, DamagedArchiveError
 from ..storage.zarr_formats import FORMATS
 
+# Archive formats. 1: wsi-idf 0.1-0.2; 2: patches bound to their positions (patch format 3, wsi-idf
+# 0.3-0.4); 3: wsi-idf 0.5: restore data, kept NDPI intervals and DICOM frames (older wsi-idf refuses it
+# by name instead of calling new chunk kinds damage);
 # 4: wsi-idf 0.6: IDF-coded levels carry their model's tensors in their codec configuration, and the
 # model may be a lab's own or adapted to the slide (older wsi-idf would not find it by name)
 ARCHIVE_FORMAT = 4
@@ -71,8 +74,7 @@ class ArchiveMetadata(Mapping):
 
     @property
     def idf_levels(self) -> list[int]:
-        """The levels coded with the IDF (the others keep their source tiles and need no model)."""
-        return [i for i, lv in enumerate(self.data["levels"]) if lv.get("storage", "idf") == "idf"]
+        return idf_levels(self.data)
 
     @property
     def source_lossy(self) -> bool:
@@ -244,10 +246,15 @@ def archive_sizes(path: Path, meta: dict) -> dict:
             "ratio_to_source": round(source / size, 3), "bits_per_subpixel": round(8 * coded / raw, 4)}
 
 
+def idf_levels(meta: dict) -> list[int]:
+    """The levels coded with the IDF (the others keep their source tiles and need no model)."""
+    return [i for i, lv in enumerate(meta["levels"]) if lv.get("storage", "idf") == "idf"]
+
+
 def model_facts(meta: dict) -> dict:
     """The bytes of the model weights the archive carries, and what adapting the model measured
     (checked: the metadata may be hostile, and these are printed)."""
-    model, idf_levels = meta["model"], sum(1 for lv in meta["levels"] if lv.get("storage", "idf") == "idf")
+    model, idf_count = meta["model"], len(idf_levels(meta))
     size = model.get("embedded_bytes")
     adaptation = model.get("adaptation")
     numbers = ("steps", "seconds", "heldout_patches", "base_bpsp", "adapted_bpsp")
@@ -258,7 +265,7 @@ def model_facts(meta: dict) -> dict:
                                                   not isinstance(adaptation.get(k), bool) for k in numbers)
                                               and adaptation["base_bpsp"] > 0)):
         adaptation = None
-    return {"model_bytes": size * idf_levels if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0,
+    return {"model_bytes": size * idf_count if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0,
             "adaptation": adaptation}
 
 

@@ -38,7 +38,6 @@ from .source_files import check_unchanged, restore_obstacle, source_digests, sou
 log = logging.getLogger("wsi_idf")
 
 
-
 CODECS = ("auto", "idf", "source")
 
 

@@ -77,12 +77,17 @@ def random_crops(tiles: list[np.ndarray], count: int, rng: np.random.Generator, 
         crop = tile[y:y + side, x:x + side]
         if side != PATCH:
             crop = halve(crop)
-        if augment:
-            crop = np.rot90(crop, k=int(rng.integers(4)))
-            if rng.integers(2):
-                crop = crop[:, ::-1]
-        out[i] = crop.transpose(2, 0, 1)
+        out[i] = oriented(crop, rng, augment).transpose(2, 0, 1)
     return out
+
+
+def oriented(crop: np.ndarray, rng: np.random.Generator, augment: bool = True) -> np.ndarray:
+    """A random 90-degree rotation and flip of ``crop`` (H, W, 3); unchanged when not ``augment``."""
+    if augment:
+        crop = np.rot90(crop, k=int(rng.integers(4)))
+        if rng.integers(2):
+            crop = crop[:, ::-1]
+    return crop
 
 
 def find_training_data(folders: list[Path]) -> tuple[list[np.ndarray], list[Path]]:
@@ -151,12 +156,7 @@ class SlideCrops:
             lv = slide.levels[0]
             rows = self._split(slide) if self.holdout else lv.height
             y, x = int(rng.integers(0, max(1, rows - PATCH + 1))), int(rng.integers(0, lv.width - PATCH + 1))
-            crop = slide.read(0, y, y + PATCH, x, x + PATCH)
-            if augment:
-                crop = np.rot90(crop, k=int(rng.integers(4)))
-                if rng.integers(2):
-                    crop = crop[:, ::-1]
-            out[i] = crop.transpose(2, 0, 1)
+            out[i] = oriented(slide.read(0, y, y + PATCH, x, x + PATCH), rng, augment).transpose(2, 0, 1)
         return out
 
 

@@ -34,7 +34,7 @@ class _QuantAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward((x >= 0.0) & (x <= ACT_MAX))
-        return x.clamp(0.0, ACT_MAX).div_(ACT_MAX / ACT_LEVELS).round_().mul_(ACT_MAX / ACT_LEVELS)
+        return _on_grid(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -42,8 +42,13 @@ class _QuantAct(torch.autograd.Function):
         return grad * inside
 
 
+def _on_grid(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0.0, ACT_MAX).div_(ACT_MAX / ACT_LEVELS).round_().mul_(ACT_MAX / ACT_LEVELS)
+
+
 def quant_act(x: torch.Tensor) -> torch.Tensor:
-    return _QuantAct.apply(x)
+    # evaluation (no gradient wanted) skips the mask the backward pass would need
+    return _QuantAct.apply(x) if torch.is_grad_enabled() and x.requires_grad else _on_grid(x)
 
 
 def quant_input(z: torch.Tensor) -> torch.Tensor:
